@@ -1,0 +1,212 @@
+"""Residual building blocks shared by the backbones and the auxiliary heads.
+
+The DKS paper's principle is that auxiliary branches are made of the
+backbone's own building blocks. Backbones in `keras_dks.backbones` and the
+"residual" heads in `keras_dks.heads` are therefore built from the same
+functions here, so a head really is a copy of the stages it stands in for.
+
+Four block kinds are offered (`BLOCK_KINDS`):
+
+- `"basic"`: post-activation basic block (ResNet-18/34, CIFAR ResNets).
+- `"bottleneck"`: post-activation bottleneck, stride on the 3x3 conv
+  ("ResNet v1.5", as in torchvision and the DHM code). `filters` is the
+  block's output width; the inner width is `filters // 4`.
+- `"preact_basic"`: the pre-activation block of the DKS authors' WRN code.
+- `"preact_bottleneck"`: pre-activation bottleneck (ResNetV2 style).
+
+All blocks are functional: they take a Keras tensor and return one.
+"""
+
+import keras
+
+BLOCK_KINDS = ("basic", "bottleneck", "preact_basic", "preact_bottleneck")
+
+
+def he_normal():
+    """He-normal initialiser, untruncated, fan-in (PyTorch `kaiming_normal_`).
+
+    Keras' `HeNormal` draws from a *truncated* normal; the DKS authors' code
+    uses an untruncated one, so we build it from `VarianceScaling`.
+    """
+    return keras.initializers.VarianceScaling(
+        scale=2.0, mode="fan_in", distribution="untruncated_normal"
+    )
+
+
+class BlockConfig:
+    """Settings shared by every layer a block creates.
+
+    Args:
+        bn_epsilon: BatchNormalization epsilon (authors' code: 1e-5).
+        bn_momentum: Keras BatchNormalization momentum (PyTorch momentum 0.1
+            is Keras momentum 0.9).
+        bn_gamma_initializer: initialiser of BN scales.
+        sync_batchnorm: use `BatchNormalization(synchronized=True)`, which
+            all-reduces batch statistics across replicas under tf.distribute.
+        kernel_initializer: initialiser of conv kernels.
+        kernel_regularizer: optional regulariser for conv kernels.
+        dropout: dropout rate between the two 3x3 convs of pre-activation
+            basic blocks (WRN), 0 to disable.
+    """
+
+    def __init__(
+        self,
+        bn_epsilon=1e-5,
+        bn_momentum=0.9,
+        bn_gamma_initializer="ones",
+        sync_batchnorm=False,
+        kernel_initializer=None,
+        kernel_regularizer=None,
+        dropout=0.0,
+    ):
+        self.bn_epsilon = bn_epsilon
+        self.bn_momentum = bn_momentum
+        self.bn_gamma_initializer = bn_gamma_initializer
+        self.sync_batchnorm = sync_batchnorm
+        self.kernel_initializer = kernel_initializer or he_normal()
+        self.kernel_regularizer = kernel_regularizer
+        self.dropout = dropout
+
+    def replace(self, **changes):
+        new = BlockConfig.__new__(BlockConfig)
+        new.__dict__.update(self.__dict__)
+        new.__dict__.update(changes)
+        return new
+
+
+def conv(x, filters, kernel_size, stride, name, config):
+    """Bias-free conv with PyTorch-style symmetric padding.
+
+    Keras' `padding="same"` pads stride-2 convs asymmetrically (nothing on
+    the top/left for even inputs); the reference code pads `k // 2` on every
+    side. Explicit `ZeroPadding2D` + `"valid"` reproduces that exactly.
+    """
+    pad = kernel_size // 2
+    if stride > 1 and pad > 0:
+        x = keras.layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=stride,
+        padding=padding,
+        use_bias=False,
+        kernel_initializer=config.kernel_initializer,
+        kernel_regularizer=config.kernel_regularizer,
+        name=name,
+    )(x)
+
+
+def batch_norm(x, name, config):
+    return keras.layers.BatchNormalization(
+        epsilon=config.bn_epsilon,
+        momentum=config.bn_momentum,
+        gamma_initializer=config.bn_gamma_initializer,
+        synchronized=config.sync_batchnorm,
+        name=name,
+    )(x)
+
+
+def bn_relu(x, name, config):
+    x = batch_norm(x, f"{name}_bn", config)
+    return keras.layers.ReLU(name=f"{name}_relu")(x)
+
+
+def preact_basic_block(x, filters, stride, name, config):
+    """The WRN block of the DKS authors' code.
+
+    o1 = ReLU(BN(x)); y = conv3x3(o1, stride); o2 = ReLU(BN(y));
+    [dropout]; z = conv3x3(o2); out = z + (conv1x1(o1, stride) if the
+    width or the resolution changes, else x).
+    """
+    in_channels = x.shape[-1]
+    o1 = bn_relu(x, f"{name}_preact", config)
+    y = conv(o1, filters, 3, stride, f"{name}_conv0", config)
+    o2 = bn_relu(y, f"{name}_mid", config)
+    if config.dropout:
+        o2 = keras.layers.Dropout(config.dropout, name=f"{name}_drop")(o2)
+    z = conv(o2, filters, 3, 1, f"{name}_conv1", config)
+    if in_channels != filters or stride != 1:
+        shortcut = conv(o1, filters, 1, stride, f"{name}_convdim", config)
+    else:
+        shortcut = x
+    return keras.layers.Add(name=f"{name}_add")([z, shortcut])
+
+
+def preact_bottleneck_block(x, filters, stride, name, config):
+    """Pre-activation bottleneck (ResNetV2 style), output width `filters`."""
+    in_channels = x.shape[-1]
+    inner = max(filters // 4, 1)
+    o1 = bn_relu(x, f"{name}_preact", config)
+    y = conv(o1, inner, 1, 1, f"{name}_conv0", config)
+    y = bn_relu(y, f"{name}_mid0", config)
+    y = conv(y, inner, 3, stride, f"{name}_conv1", config)
+    y = bn_relu(y, f"{name}_mid1", config)
+    z = conv(y, filters, 1, 1, f"{name}_conv2", config)
+    if in_channels != filters or stride != 1:
+        shortcut = conv(o1, filters, 1, stride, f"{name}_convdim", config)
+    else:
+        shortcut = x
+    return keras.layers.Add(name=f"{name}_add")([z, shortcut])
+
+
+def basic_block(x, filters, stride, name, config):
+    """Post-activation basic block (He et al. 2016, ResNet-18/34)."""
+    in_channels = x.shape[-1]
+    y = conv(x, filters, 3, stride, f"{name}_conv0", config)
+    y = bn_relu(y, f"{name}_mid", config)
+    y = conv(y, filters, 3, 1, f"{name}_conv1", config)
+    y = batch_norm(y, f"{name}_bn1", config)
+    if in_channels != filters or stride != 1:
+        shortcut = conv(x, filters, 1, stride, f"{name}_convdim", config)
+        shortcut = batch_norm(shortcut, f"{name}_convdim_bn", config)
+    else:
+        shortcut = x
+    y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(name=f"{name}_out")(y)
+
+
+def bottleneck_block(x, filters, stride, name, config):
+    """Post-activation bottleneck, stride on the 3x3 conv (ResNet v1.5)."""
+    in_channels = x.shape[-1]
+    inner = max(filters // 4, 1)
+    y = conv(x, inner, 1, 1, f"{name}_conv0", config)
+    y = bn_relu(y, f"{name}_mid0", config)
+    y = conv(y, inner, 3, stride, f"{name}_conv1", config)
+    y = bn_relu(y, f"{name}_mid1", config)
+    y = conv(y, filters, 1, 1, f"{name}_conv2", config)
+    y = batch_norm(y, f"{name}_bn2", config)
+    if in_channels != filters or stride != 1:
+        shortcut = conv(x, filters, 1, stride, f"{name}_convdim", config)
+        shortcut = batch_norm(shortcut, f"{name}_convdim_bn", config)
+    else:
+        shortcut = x
+    y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
+    return keras.layers.ReLU(name=f"{name}_out")(y)
+
+
+_BLOCKS = {
+    "basic": basic_block,
+    "bottleneck": bottleneck_block,
+    "preact_basic": preact_basic_block,
+    "preact_bottleneck": preact_bottleneck_block,
+}
+
+
+def is_preact(kind):
+    return kind.startswith("preact")
+
+
+def residual_stage(x, filters, blocks, stride, kind, name, config):
+    """`blocks` blocks of `kind`; only the first one has the stride."""
+    if kind not in _BLOCKS:
+        raise ValueError(
+            f"Unknown block kind {kind!r}. Use one of {list(BLOCK_KINDS)}."
+        )
+    for b in range(blocks):
+        x = _BLOCKS[kind](
+            x, filters, stride if b == 0 else 1, f"{name}_block{b}", config
+        )
+    return x

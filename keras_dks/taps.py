@@ -1,0 +1,236 @@
+"""Finding where to attach auxiliary heads in a backbone.
+
+`taps="auto"` picks the *ends of the down-sampling stages before the last
+one*, the places the DKS paper uses (conv3_x and conv4_x on ImageNet
+ResNets, group0 and group1 on WRNs). The rule, on the backbone's functional
+graph:
+
+1. A *cut point* is a tensor that every path from the input to the output
+   goes through (the end of a block, never the inside of a residual branch).
+2. Tensors are grouped by spatial resolution. A *stage* is a resolution at
+   which some layer with weights computes (this leaves out the input and
+   padding-only sizes such as 230x230).
+3. The end of a stage is its last cut point that has the channel count of
+   the stage's last merge (`Add` / `Concatenate`) output, or its last cut
+   point when the stage has no merge. For ResNet50 that is
+   `conv3_block4_out`; for MobileNetV2 `block_5_add` (not the expansion
+   that follows it); for DenseNet121 `pool3_relu`.
+4. The last stage holds the final feature map; "auto" returns the ends of
+   the (up to) two stages before it, deepest first.
+
+keras-hub `FeaturePyramidBackbone`s are tapped by pyramid key instead
+("P3", "P4"); "auto" takes the two levels below the final one. Backbones from
+`keras_dks.backbones` name their own taps (`dks_taps`).
+"""
+
+import collections
+import math
+
+import keras
+
+Stage = collections.namedtuple(
+    "Stage", ["name", "tensor", "resolution", "channels", "num_blocks"]
+)
+Stage.__doc__ = """A down-sampling stage of a backbone.
+
+Args:
+    name: layer name of the stage end (tap it with this name).
+    tensor: the stage-end KerasTensor.
+    resolution: `(height, width)`, entries may be None for dynamic shapes.
+    channels: channels of the stage end.
+    num_blocks: residual merges at this resolution and width (0 if none).
+"""
+
+_MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
+
+
+class BackboneGraph:
+    """Topologically ordered view of a functional backbone's tensors."""
+
+    def __init__(self, model):
+        if not hasattr(model, "_nodes_by_depth"):
+            raise ValueError(
+                "DKSModel needs a functional backbone (built with "
+                "keras.Input / keras.Model(inputs, outputs), a "
+                "keras.applications model or a keras-hub backbone); got "
+                f"{type(model).__name__}. Subclassed models have no graph "
+                "to tap: rebuild it functionally."
+            )
+        self.model = model
+        self.tensors = []  # in topological order
+        self.layer_of = []
+        self.pos = {}
+        edges = []
+        for depth in sorted(model._nodes_by_depth, reverse=True):
+            for node in model._nodes_by_depth[depth]:
+                outs = list(node.outputs)
+                for t in outs:
+                    if id(t) not in self.pos:
+                        self.pos[id(t)] = len(self.tensors)
+                        self.tensors.append(t)
+                        self.layer_of.append(node.operation)
+                for t_in in node.input_tensors:
+                    for t in outs:
+                        edges.append((self.pos[id(t_in)], self.pos[id(t)]))
+        far = [i for i in range(len(self.tensors))]
+        for u, v in edges:
+            far[u] = max(far[u], v)
+        # A tensor is a cut point iff no edge jumps over it; see module doc.
+        self.is_cut = []
+        reach = -1
+        for p in range(len(self.tensors)):
+            self.is_cut.append(reach <= p)
+            reach = max(reach, far[p])
+
+    def position(self, tensor):
+        return self.pos.get(id(tensor))
+
+    def layer_output(self, name):
+        """The output tensor of layer `name` in this graph, or None."""
+        for t, layer in zip(self.tensors, self.layer_of):
+            if layer.name == name:
+                return t
+        return None
+
+    def feature_tensors(self, before=None):
+        """(name, tensor) of layers with 4-D outputs, optionally before a pos."""
+        out = []
+        for p, (t, layer) in enumerate(zip(self.tensors, self.layer_of)):
+            if before is not None and p >= before:
+                break
+            if len(t.shape) == 4 and not isinstance(
+                layer, keras.layers.InputLayer
+            ):
+                out.append((layer.name, t))
+        return out
+
+    def final_feature_map(self):
+        """The last 4-D cut point: the map the main classifier pools."""
+        output = self.model.outputs[0]
+        if len(output.shape) == 4:
+            return output
+        for p in range(len(self.tensors) - 1, -1, -1):
+            t = self.tensors[p]
+            if len(t.shape) == 4 and self.is_cut[p]:
+                return t
+        raise ValueError(
+            "The backbone has no 4-D feature map: DKSModel needs a "
+            "convolutional backbone whose layers output (batch, height, "
+            "width, channels) maps."
+        )
+
+    def stages(self):
+        """All stages of the backbone, shallowest first (see module doc)."""
+        groups = collections.OrderedDict()
+        for p, (t, layer) in enumerate(zip(self.tensors, self.layer_of)):
+            if len(t.shape) != 4 or isinstance(layer, keras.layers.InputLayer):
+                continue
+            res = tuple(t.shape[1:3])
+            g = groups.setdefault(
+                res, {"weights": False, "merges": [], "cuts": []}
+            )
+            if layer.weights:
+                g["weights"] = True
+            if isinstance(layer, _MERGE_LAYERS):
+                g["merges"].append(p)
+            if self.is_cut[p]:
+                g["cuts"].append(p)
+        stages = []
+        for res, g in groups.items():
+            if not g["weights"] or not g["cuts"]:
+                continue
+            cuts = g["cuts"]
+            end = cuts[-1]
+            width = None
+            if g["merges"]:
+                width = self.tensors[g["merges"][-1]].shape[-1]
+                same = [p for p in cuts if self.tensors[p].shape[-1] == width]
+                if same:
+                    end = same[-1]
+            t = self.tensors[end]
+            channels = t.shape[-1]
+            blocks = sum(
+                1
+                for p in g["merges"]
+                if isinstance(self.layer_of[p], keras.layers.Add)
+                and self.tensors[p].shape[-1] == channels
+            )
+            stages.append(
+                Stage(self.layer_of[end].name, t, res, channels, blocks)
+            )
+        return stages
+
+
+def is_pyramid_backbone(backbone):
+    return isinstance(getattr(backbone, "pyramid_outputs", None), dict) and bool(
+        backbone.pyramid_outputs
+    )
+
+
+def num_downsamples(tap_tensor, final_tensor, tap_name="tap"):
+    """Stride-2 steps between a tap and the final map, from static shapes."""
+    h, w = tap_tensor.shape[1:3]
+    fh, fw = final_tensor.shape[1:3]
+    if None in (h, w, fh, fw):
+        raise ValueError(
+            f"Cannot tell how far {tap_name!r} is from the final feature map: "
+            "the backbone's spatial size is dynamic. Build the backbone with "
+            "a fixed input_shape=(height, width, channels)."
+        )
+    ratio = max(h / fh, w / fw)
+    return max(int(round(math.log2(ratio))), 0) if ratio >= 1 else 0
+
+
+def auto_taps(backbone, graph=None, count=2):
+    """The tap names `taps="auto"` resolves to for `backbone`, deepest first.
+
+    Args:
+        backbone: a functional keras.Model, keras-hub pyramid backbone, or
+            a `keras_dks.backbones` model.
+        count: how many stages before the last one to tap.
+
+    Example:
+    ```python
+    backbone = keras.applications.ResNet50(
+        weights=None, include_top=False, input_shape=(64, 64, 3))
+    keras_dks.taps.auto_taps(backbone)
+    # ['conv4_block6_out', 'conv3_block4_out']
+    ```
+    """
+    if hasattr(backbone, "dks_taps"):
+        return list(backbone.dks_taps)[:count]
+    if is_pyramid_backbone(backbone):
+        graph = graph or BackboneGraph(backbone)
+        final = graph.final_feature_map()
+        keys = [
+            k
+            for k in sorted(
+                backbone.pyramid_outputs, key=lambda k: int(k.lstrip("P"))
+            )
+            if backbone.pyramid_outputs[k] is not final
+        ]
+        if not keys:
+            raise _no_stage_error(backbone)
+        return list(reversed(keys[-count:]))
+    graph = graph or BackboneGraph(backbone)
+    final = graph.final_feature_map()
+    final_pos = graph.position(final)
+    earlier = [
+        s
+        for s in graph.stages()
+        if graph.position(s.tensor) < final_pos
+        and s.resolution != tuple(final.shape[1:3])
+    ]
+    if not earlier:
+        raise _no_stage_error(backbone)
+    return [s.name for s in reversed(earlier[-count:])]
+
+
+def _no_stage_error(backbone):
+    return ValueError(
+        f'taps="auto" found no down-sampling stage before the final feature '
+        f"map of backbone {backbone.name!r} (its spatial size never shrinks, "
+        "or it is dynamic). Pass taps=[layer names] explicitly, build the "
+        "backbone with a fixed input_shape, or use taps=[] for a plain "
+        "single-head model."
+    )
