@@ -140,9 +140,7 @@ def _batch_mean(per_example, sample_weight):
     return ops.sum(per_example) / ops.cast(ops.shape(per_example)[0], "float32")
 
 
-def synergy_terms(
-    logits, pairs="bidirectional", weights=1.0, sample_weight=None
-):
+def synergy_terms(logits, pairs="bidirectional", weights=1.0):
     """Per-example weighted synergy loss summed over pairs, shape (B,)."""
     pair_list = resolve_pairs(pairs, len(logits))
     betas = resolve_weights(weights, len(pair_list), "synergy_weight", "pairs")
@@ -176,6 +174,4 @@ def synergy_loss(logits, pairs="bidirectional", weights=1.0, sample_weight=None)
     loss = keras_dks.losses.synergy_loss(z, pairs="bidirectional")
     ```
     """
-    return _batch_mean(
-        synergy_terms(logits, pairs, weights), sample_weight
-    )
+    return _batch_mean(synergy_terms(logits, pairs, weights), sample_weight)

@@ -49,6 +49,11 @@ class _MetricSet:
         self.head_metrics = head_metrics
 
 
+def _as_list(logits):
+    # A single-head model (taps=[]) returns a tensor, not a list.
+    return list(logits) if isinstance(logits, (list, tuple)) else [logits]
+
+
 def _scale_for_distribution(value):
     # Gradients are SUM all-reduced across replicas, so every loss term is
     # divided by the replica count exactly once (keras.losses.Loss does the
@@ -579,7 +584,7 @@ class DKSModel(keras.Model):
             `regularization`.
         """
         _, targets = self._prepare_labels(y)
-        logits = [tf.cast(z, "float32") for z in logits]
+        logits = [tf.cast(z, "float32") for z in _as_list(logits)]
         ce = [losses_lib.cross_entropy(targets, z) for z in logits]
         supervised = tf.add_n([a * c for a, c in zip(self._alphas, ce)])
         synergy = tf.zeros_like(ce[0])
@@ -611,7 +616,7 @@ class DKSModel(keras.Model):
         for tracker, value in zip(m.trackers, values):
             # Weighted by batch size: epoch means are means over examples.
             tracker.update_state(value, sample_weight=batch_size)
-        for head_metrics, z in zip(m.head_metrics, logits):
+        for head_metrics, z in zip(m.head_metrics, _as_list(logits)):
             for metric in head_metrics:
                 metric.update_state(labels, z)
         return {metric.name: metric.result() for metric in self.metrics}

@@ -1,0 +1,153 @@
+"""Synergy loss and per-head CE against independent NumPy formulas."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_dks import losses
+
+
+def np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_softmax(z):
+    return np.exp(np_log_softmax(z))
+
+
+def np_pairs(name, n):
+    # Written out from the paper's Fig. 2, independently of resolve_pairs.
+    all_pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    return {
+        "bidirectional": all_pairs,
+        "top_down": [(i, j) for (i, j) in all_pairs if j < i],
+        "bottom_up": [(i, j) for (i, j) in all_pairs if j > i],
+        "none": [],
+    }[name]
+
+
+def np_synergy(logits, pairs, betas, sample_weight=None):
+    """Value and analytic gradient of sum beta * mean_b H(p_t, p_s)."""
+    b = logits[0].shape[0]
+    w = np.ones(b) if sample_weight is None else sample_weight
+    value = 0.0
+    grads = [np.zeros_like(z) for z in logits]
+    for (s, t), beta in zip(pairs, betas):
+        target = np_softmax(logits[t])
+        h = -(target * np_log_softmax(logits[s])).sum(-1)
+        value += beta * (w * h).sum() / b
+        # dH/dz_s = softmax(z_s) - target; the teacher gets nothing.
+        grads[s] += beta * w[:, None] * (np_softmax(logits[s]) - target) / b
+    return value, grads
+
+
+def make_logits(n_heads=3, batch=6, classes=7, scale=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(batch, classes)) * scale for _ in range(n_heads)]
+
+
+@pytest.mark.parametrize("strategy", ["bidirectional", "top_down", "bottom_up", "none"])
+@pytest.mark.parametrize("n_heads", [2, 3, 4])
+def test_synergy_value_and_gradients_match_numpy(strategy, n_heads):
+    logits = make_logits(n_heads)
+    pairs = np_pairs(strategy, n_heads)
+    betas = list(np.linspace(0.5, 2.0, len(pairs))) if pairs else []
+    vars_ = [tf.Variable(z, dtype=tf.float32) for z in logits]
+    with tf.GradientTape() as tape:
+        loss = losses.synergy_loss(vars_, pairs=strategy, weights=betas or 1.0)
+    grads = tape.gradient(loss, vars_)
+    ref_value, ref_grads = np_synergy(logits, pairs, betas)
+    np.testing.assert_allclose(float(loss), ref_value, rtol=1e-5, atol=1e-6)
+    for g, ref in zip(grads, ref_grads):
+        g = np.zeros_like(ref) if g is None else g.numpy()
+        np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_strategy_pair_sets():
+    assert losses.resolve_pairs("bidirectional", 3) == np_pairs("bidirectional", 3)
+    assert losses.resolve_pairs("top_down", 3) == [(1, 0), (2, 0), (2, 1)]
+    assert losses.resolve_pairs("bottom_up", 3) == [(0, 1), (0, 2), (1, 2)]
+    assert losses.resolve_pairs("none", 3) == []
+    # With 3 heads the authors' code adds 6 pair terms.
+    assert len(losses.resolve_pairs("bidirectional", 3)) == 6
+
+
+def test_teacher_gets_no_gradient_through_target_role():
+    logits = make_logits(2)
+    student = tf.Variable(logits[0], dtype=tf.float32)
+    teacher = tf.Variable(logits[1], dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        loss = losses.synergy_loss([student, teacher], pairs=[(0, 1)])
+    g_student, g_teacher = tape.gradient(loss, [student, teacher])
+    assert g_teacher is None or np.all(g_teacher.numpy() == 0)
+    assert np.abs(g_student.numpy()).sum() > 0
+
+
+def test_custom_pairs_and_weights():
+    logits = make_logits(3, seed=3)
+    pairs = [(2, 0), (1, 2)]
+    value = losses.synergy_loss(
+        [tf.constant(z, tf.float32) for z in logits], pairs=pairs, weights=[0.3, 1.7]
+    )
+    ref, _ = np_synergy(logits, pairs, [0.3, 1.7])
+    np.testing.assert_allclose(float(value), ref, rtol=1e-5)
+
+
+def test_sample_weights_follow_sum_over_batch_size():
+    logits = make_logits(2, batch=5)
+    w = np.array([1.0, 0.0, 2.0, 0.5, 1.0])
+    value = losses.synergy_loss(
+        [tf.constant(z, tf.float32) for z in logits], pairs="bidirectional",
+        sample_weight=tf.constant(w, tf.float32),
+    )
+    ref, _ = np_synergy(logits, np_pairs("bidirectional", 2), [1.0, 1.0], w)
+    np.testing.assert_allclose(float(value), ref, rtol=1e-5)
+
+
+def test_summed_over_classes_not_averaged():
+    # Uniform target on C classes against a uniform student: H = log(C).
+    c = 100
+    z = [tf.zeros((4, c)), tf.zeros((4, c))]
+    value = losses.synergy_loss(z, pairs=[(0, 1)])
+    np.testing.assert_allclose(float(value), np.log(c), rtol=1e-6)
+
+
+def test_stable_for_huge_logits():
+    z = [tf.constant([[1e4, -1e4, 0.0]]), tf.constant([[-1e4, 1e4, 0.0]])]
+    value = losses.synergy_loss(z, pairs=[(0, 1)])
+    assert np.isfinite(float(value))
+    np.testing.assert_allclose(float(value), 2e4, rtol=1e-6)
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(5, 4)) * 4
+    y = np.eye(4)[[0, 3, 1, 1, 2]]
+    ce = losses.cross_entropy(tf.constant(y), tf.constant(z, tf.float32))
+    np.testing.assert_allclose(ce.numpy(), -(y * np_log_softmax(z)).sum(-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pairs, match",
+    [
+        ([(0, 3)], "does not exist"),
+        ([(1, 1)], "itself"),
+        ([(0, 1), (0, 1)], "twice"),
+        ("sideways", "Unknown pairs"),
+        ([(0, 1, 2)], "two entries"),
+        (5, "neither"),
+    ],
+)
+def test_bad_pairs(pairs, match):
+    with pytest.raises(ValueError, match=match):
+        losses.resolve_pairs(pairs, 3)
+
+
+def test_bad_weights():
+    with pytest.raises(ValueError, match="non-negative"):
+        losses.resolve_weights(-1.0, 3, "synergy_weight", "pairs")
+    with pytest.raises(ValueError, match="exactly 6 values"):
+        losses.resolve_weights([1.0, 2.0], 6, "synergy_weight", "pairs")
+    with pytest.raises(ValueError, match="non-negative"):
+        losses.resolve_weights([1.0, float("nan")], 2, "aux_weight", "heads")
