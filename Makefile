@@ -8,6 +8,11 @@ install:
 	# TensorFlow first, so setup.py requires the flavour that is installed.
 	$(PYTHON) -c "import tensorflow" 2>/dev/null || $(PYTHON) -m pip install -q "$(TF_PACKAGE)"
 	$(PYTHON) -m pip install -q -e ".[test]"
+	# keras-hub backbones are tested too. keras-hub's tensorflow-text
+	# dependency (text models only) pins the full `tensorflow` wheel, so
+	# install keras-hub without it.
+	$(PYTHON) -m pip install -q --no-deps "keras-hub==0.32.0"
+	$(PYTHON) -m pip install -q regex rich packaging kagglehub "kagglesdk==0.1.28" tokenizers sentencepiece
 
 data:
 	# Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist (IDX files).

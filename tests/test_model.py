@@ -392,3 +392,27 @@ def test_baseline_has_no_aux_heads():
     h = model.fit(x, y, verbose=0)
     assert set(h.history) == {"loss", "ce_loss", "synergy_loss", "accuracy"}
     assert h.history["synergy_loss"] == [0.0]
+
+
+def test_keras_hub_pyramid_backbone_taps(tmp_path):
+    import keras_hub
+
+    backbone = keras_hub.models.ResNetBackbone(
+        input_conv_filters=[64], input_conv_kernel_sizes=[3],
+        stackwise_num_filters=[64, 32, 64, 64], stackwise_num_blocks=[1, 1, 1, 1],
+        stackwise_num_strides=[1, 2, 2, 2], block_type="basic_block",
+        use_pre_activation=False, image_shape=(32, 32, 3),
+    )
+    model = DKSModel(backbone, num_classes=4)
+    assert model.taps == ["P4", "P3"]
+    # Basic blocks, like the backbone: the head from P3 has two stride-2 steps.
+    assert model.get_layer("aux_P3_stage1_block0_conv0").strides == (2, 2)
+    assert tuple(model.get_layer("aux_P3_pool").input.shape[1:3]) == (1, 1)
+    with pytest.raises(ValueError, match=r"Pyramid keys: \['P2', 'P3', 'P4', 'P5'\]"):
+        DKSModel(backbone, num_classes=4, taps=["P7"])
+    path = str(tmp_path / "hub.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype("float32")
+    for a, b in zip(model.predict(x, verbose=0), loaded.predict(x, verbose=0)):
+        np.testing.assert_array_equal(a, b)
