@@ -2,12 +2,14 @@
 
 import functools
 import re
+import warnings
 
 import keras
 import tensorflow as tf
 from keras import ops
 
 from keras_dks import blocks
+from keras_dks import distribute as distribute_lib
 from keras_dks import heads as heads_lib
 from keras_dks import losses as losses_lib
 from keras_dks import taps as taps_lib
@@ -359,6 +361,26 @@ class DKSModel(keras.Model):
     @staticmethod
     def _head_building_style(backbone, sync_batchnorm):
         """Block kind and BN settings that make heads match the backbone."""
+        if sync_batchnorm:
+            # sync_batchnorm only reaches the heads DKSModel builds; BN in
+            # the backbone keeps per-replica statistics unless it was built
+            # with synchronized=True.
+            unsynced = [
+                l.name
+                for l in backbone._flatten_layers(include_self=False)
+                if isinstance(l, keras.layers.BatchNormalization)
+                and not l.synchronized
+            ]
+            if unsynced:
+                warnings.warn(
+                    f"sync_batchnorm=True, but {len(unsynced)} BatchNormalization "
+                    f"layers of the backbone are not synchronized (e.g. "
+                    f"{unsynced[0]!r}): under tf.distribute they keep "
+                    "per-replica statistics. Build the backbone with "
+                    "BatchNormalization(synchronized=True) (keras_dks.backbones "
+                    "models take sync_batchnorm=True).",
+                    stacklevel=4,
+                )
         if hasattr(backbone, "dks_block_kind"):
             config = backbone.dks_block_config().replace(
                 sync_batchnorm=sync_batchnorm or backbone.dks_block_config().sync_batchnorm
@@ -370,10 +392,14 @@ class DKSModel(keras.Model):
             kind = "bottleneck" if "bottleneck" in block_type else "basic"
             if getattr(backbone, "use_pre_activation", False):
                 kind = "preact_" + kind
-        elif any(n.endswith("_preact_bn") for n in names):
+        elif any(re.fullmatch(r"conv\d_block\d+_preact_bn", n) for n in names):
             kind = "preact_bottleneck"  # keras.applications ResNetV2
         elif any(re.fullmatch(r"conv\d_block\d+_3_conv", n) for n in names):
             kind = "bottleneck"  # keras.applications ResNet
+        elif any(n.endswith("_preact_bn") for n in names):
+            # Built from keras_dks.blocks outside keras_dks.backbones.
+            bottleneck = any(re.search(r"_block\d+_conv2$", n) for n in names)
+            kind = "preact_bottleneck" if bottleneck else "preact_basic"
         else:
             kind = "basic"
         bn = next(
@@ -383,7 +409,8 @@ class DKSModel(keras.Model):
         config = blocks.BlockConfig(
             bn_epsilon=bn.epsilon if bn is not None else 1e-5,
             bn_momentum=bn.momentum if bn is not None else 0.9,
-            sync_batchnorm=sync_batchnorm,
+            # Heads of a backbone built with synchronized BN sync too.
+            sync_batchnorm=sync_batchnorm or bool(getattr(bn, "synchronized", False)),
         )
         return kind, config
 
@@ -647,6 +674,36 @@ class DKSModel(keras.Model):
     evaluate = _label_errors_as_value_error(keras.Model.evaluate)
     train_on_batch = _label_errors_as_value_error(keras.Model.train_on_batch)
     test_on_batch = _label_errors_as_value_error(keras.Model.test_on_batch)
+
+    # --- keras-team/keras#20585 workaround (MultiWorkerMirroredStrategy) ---
+    # Keras' fit/evaluate fail under MultiWorkerMirroredStrategy; these three
+    # overrides route around it, only for models created under that strategy
+    # (details in keras_dks.distribute). Remove them when Keras fixes
+    # https://github.com/keras-team/keras/issues/20585.
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if distribute_lib.needs_keras_20585_workaround(self):
+            return distribute_lib.maybe_symbolic_build(self, iterator, data_batch)
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def make_train_function(self, force=False):
+        if not distribute_lib.needs_keras_20585_workaround(self) or (
+            self.train_function is not None and not force
+        ):
+            return super().make_train_function(force)
+        self.train_function = self._make_function(
+            distribute_lib.rank1_logs(self.train_step, self.distribute_strategy)
+        )
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        if not distribute_lib.needs_keras_20585_workaround(self) or (
+            self.test_function is not None and not force
+        ):
+            return super().make_test_function(force)
+        self.test_function = self._make_function(
+            distribute_lib.rank1_logs(self.test_step, self.distribute_strategy)
+        )
+        return self.test_function
 
     # ------------------------------------------------------------------
     # Serialization

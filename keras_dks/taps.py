@@ -10,11 +10,14 @@ graph:
 2. Tensors are grouped by spatial resolution. A *stage* is a resolution at
    which some layer with weights computes (this leaves out the input and
    padding-only sizes such as 230x230).
-3. The end of a stage is its last cut point that has the channel count of
-   the stage's last merge (`Add` / `Concatenate`) output, or its last cut
-   point when the stage has no merge. For ResNet50 that is
-   `conv3_block4_out`; for MobileNetV2 `block_5_add` (not the expansion
-   that follows it); for DenseNet121 `pool3_relu`.
+3. The end of a stage is the output of its last merge (`Add` /
+   `Concatenate`) when that is a cut point, carried through the weightless
+   layers right after it (ReLU, Identity) but not into the next block's
+   BatchNormalization or conv; without such a merge, its last cut point.
+   For ResNet50 that is `conv3_block4_out`; for MobileNetV2 `block_5_add`
+   (not the expansion that follows it); for DenseNet121
+   `conv3_block12_concat` (the end of dense block 2); for a pre-activation
+   WRN the block's addition, not the next block's BN-ReLU.
 4. The last stage holds the final feature map; "auto" returns the ends of
    the (up to) two stages before it, deepest first.
 
@@ -141,11 +144,22 @@ class BackboneGraph:
                 continue
             cuts = g["cuts"]
             end = cuts[-1]
-            width = None
             if g["merges"]:
-                width = self.tensors[g["merges"][-1]].shape[-1]
+                merge = g["merges"][-1]
+                width = self.tensors[merge].shape[-1]
                 same = [p for p in cuts if self.tensors[p].shape[-1] == width]
-                if same:
+                if merge in cuts:
+                    # Extend through weightless layers (ReLU, Identity), stop
+                    # before the next block's BN/conv (pre-activation nets).
+                    end = merge
+                    while (
+                        end + 1 < len(self.tensors)
+                        and self.is_cut[end + 1]
+                        and not self.layer_of[end + 1].weights
+                        and tuple(self.tensors[end + 1].shape[1:]) == tuple(self.tensors[end].shape[1:])
+                    ):
+                        end += 1
+                elif same:
                     end = same[-1]
             t = self.tensors[end]
             channels = t.shape[-1]

@@ -56,8 +56,8 @@ def test_outputs_ordered_by_depth_and_named():
         (keras.applications.ResNet50, ["conv4_block6_out", "conv3_block4_out"]),
         # Ends of the 28x28 and 14x14 stages (residual adds of the last block).
         (keras.applications.MobileNetV2, ["block_12_add", "block_5_add"]),
-        # End of dense blocks 3 and 2 (after their transition's BN-ReLU).
-        (keras.applications.DenseNet121, ["pool4_relu", "pool3_relu"]),
+        # End of dense blocks 3 and 2 (their last concatenation).
+        (keras.applications.DenseNet121, ["conv4_block24_concat", "conv3_block12_concat"]),
     ],
 )
 def test_auto_taps_on_applications(factory, expected):
@@ -416,3 +416,20 @@ def test_keras_hub_pyramid_backbone_taps(tmp_path):
     x = np.random.default_rng(0).uniform(size=(2, 32, 32, 3)).astype("float32")
     for a, b in zip(model.predict(x, verbose=0), loaded.predict(x, verbose=0)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_auto_taps_on_a_preactivation_network():
+    from keras_dks import blocks
+
+    config = blocks.BlockConfig()
+    inp = keras.Input((16, 16, 3))
+    x = blocks.conv(inp, 4, 3, 1, "stem", config)
+    for g, (width, stride) in enumerate([(4, 1), (8, 2), (16, 2)]):
+        x = blocks.residual_stage(x, width, 2, stride, "preact_basic", f"g{g}", config)
+    x = blocks.bn_relu(x, "final", config)
+    model = DKSModel(keras.Model(inp, x), num_classes=3)
+    # The stage ends are the last additions, not the next block's BN-ReLU.
+    assert model.taps == ["g1_block1_add", "g0_block1_add"]
+    # Heads use the same pre-activation basic blocks (no 1x1 bottleneck conv).
+    assert "aux_g0_block1_add_stage0_block0_preact_bn" in {l.name for l in model.layers}
+    assert model.get_layer("aux_g0_block1_add_stage0_block0_conv0").kernel_size == (3, 3)
