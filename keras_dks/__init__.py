@@ -1,9 +1,20 @@
 """keras_dks: Deeply-supervised Knowledge Synergy for Keras 3 / TensorFlow."""
 
 from keras_dks import blocks
+from keras_dks import distribute
 from keras_dks import heads
 from keras_dks import losses
 from keras_dks import taps
 from keras_dks.model import DKSModel
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Imported lazily: an eager `from keras_dks.export import ...` here would
+    # make `python -m keras_dks.export` warn that the module was imported twice.
+    if name == "export_saved_model":
+        from keras_dks.export import export_saved_model
+
+        return export_saved_model
+    raise AttributeError(f"module 'keras_dks' has no attribute {name!r}")

@@ -1,0 +1,444 @@
+"""export_saved_model: TF Serving signature, numerics, versions, CLI, distribution."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+import keras_dks
+from keras_dks import DKSModel
+from keras_dks.export import export_saved_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE, CLASSES = 16, 5
+
+
+def classifier(seed=0, classes=CLASSES, name="net"):
+    """Input(16,16,3) -> Conv2D -> BN -> GAP -> Dense logits."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(classes)(x), name=name)
+
+
+def tiny_backbone():
+    """Stem + three stride-2 stages; stage ends are s1, s2, s3."""
+    inp = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inp)
+    for k, width in enumerate([4, 8, 16], start=1):
+        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
+        x = keras.layers.ReLU(name=f"s{k}")(x)
+    return keras.Model(inp, x, name="tiny")
+
+
+def uint8_images(n=6, size=SIZE, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def np_reference(logits, k):
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    # Ranked by logits: probabilities of large logits underflow and tie.
+    classes = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    return p, classes, np.take_along_axis(p, classes, -1)
+
+
+def check_outputs(out, logits, k, atol=1e-5):
+    """Signature outputs vs. the model's logits and a NumPy softmax/top-k."""
+    out = {name: np.asarray(v) for name, v in out.items()}
+    assert sorted(out) == ["classes", "logits", "probabilities", "scores"]
+    assert out["logits"].dtype == np.float32
+    assert out["probabilities"].dtype == np.float32
+    assert out["scores"].dtype == np.float32
+    assert out["classes"].dtype == np.int32
+    probs, classes, scores = np_reference(logits, k)
+    np.testing.assert_allclose(out["logits"], logits, atol=atol, rtol=atol)
+    np.testing.assert_allclose(out["probabilities"], probs, atol=atol)
+    np.testing.assert_array_equal(out["classes"], classes)
+    np.testing.assert_allclose(out["scores"], scores, atol=atol)
+
+
+def serving_fn(path):
+    loaded = tf.saved_model.load(path)
+    serve = loaded.signatures["serving_default"]
+    serve.loaded = loaded  # the signature holds its variables by weak reference
+    return serve
+
+
+def checkpoint_sizes(path):
+    """(count, total size) of the values stored in a SavedModel's checkpoint."""
+    entries = [
+        shape
+        for name, shape in tf.train.list_variables(os.path.join(path, "variables", "variables"))
+        if name != "_CHECKPOINTABLE_OBJECT_GRAPH"
+    ]
+    return len(entries), sum(int(np.prod(s)) for s in entries)
+
+
+def sizes(variables):
+    return len(variables), sum(int(np.prod(v.shape)) for v in variables)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One uint8 export of a plain classifier, shared by the read-only tests."""
+    model = classifier()
+    path = export_saved_model(model, tmp_path_factory.mktemp("base"), top_k=3)
+    return model, path
+
+
+# --------------------------------------------------------------------------
+# Signature and numerics
+# --------------------------------------------------------------------------
+def test_signature_matches_predictions(exported):
+    model, path = exported
+    assert path.endswith(os.sep + "1") and os.path.isabs(path)
+    loaded = tf.saved_model.load(path)
+    assert list(loaded.signatures) == ["serving_default"]
+    serve = loaded.signatures["serving_default"]
+    (spec,) = serve.structured_input_signature[1].values()
+    assert spec.name == "images" and spec.dtype == tf.uint8
+    assert tuple(spec.shape) == (None, SIZE, SIZE, 3)
+    images = uint8_images()
+    logits = model.predict(images.astype("float32"), verbose=0)
+    check_outputs(serve(images=tf.constant(images)), logits, k=3)
+
+
+def test_saved_model_cli_shows_serving_signature(exported):
+    _, path = exported
+    cli = shutil.which("saved_model_cli")
+    cmd = [cli] if cli else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    result = subprocess.run(
+        cmd + ["show", "--dir", path, "--all"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    block = text[text.index("signature_def['serving_default']"):]
+    block = block[: block.index("Method name is:")]
+    assert re.search(
+        r"inputs\['images'\] tensor_info:\s+dtype: DT_UINT8\s+shape: \(-1, 16, 16, 3\)", block
+    ), block
+    for name, dtype, shape in [
+        ("classes", "DT_INT32", "(-1, 3)"),
+        ("logits", "DT_FLOAT", "(-1, 5)"),
+        ("probabilities", "DT_FLOAT", "(-1, 5)"),
+        ("scores", "DT_FLOAT", "(-1, 3)"),
+    ]:
+        assert re.search(
+            rf"outputs\['{name}'\] tensor_info:\s+dtype: {dtype}\s+shape: {re.escape(shape)}",
+            block,
+        ), (name, block)
+    assert len(re.findall(r"outputs\['", block)) == 4
+    assert "tensorflow/serving/predict" in text
+
+
+@pytest.mark.parametrize("input_dtype", ["uint8", "float32"])
+def test_rest_instances_body_decoded_like_tf_serving(tmp_path, input_dtype):
+    model = classifier(seed=1)
+    path = export_saved_model(model, tmp_path, input_dtype=input_dtype)
+    if input_dtype == "uint8":
+        images = uint8_images(4)
+    else:
+        images = np.random.default_rng(1).uniform(size=(4, SIZE, SIZE, 3)).astype("float32")
+    body = json.dumps({"instances": images.tolist()})  # what a client POSTs
+
+    # TF Serving's REST decoding: parse the JSON, build a tensor of the
+    # signature's input dtype, run the signature.
+    serve = serving_fn(path)
+    (spec,) = serve.structured_input_signature[1].values()
+    decoded = np.asarray(json.loads(body)["instances"], dtype=spec.dtype.as_numpy_dtype)
+    np.testing.assert_array_equal(decoded, images)
+    out = serve(images=tf.constant(decoded))
+    check_outputs(out, model.predict(images.astype("float32"), verbose=0), k=CLASSES)
+    # Row-format response ({"predictions": [{name: value}, ...]}) is JSON-able.
+    rows = [{k: np.asarray(v)[i].tolist() for k, v in out.items()} for i in range(4)]
+    response = json.loads(json.dumps({"predictions": rows}))
+    assert [r["classes"][0] for r in response["predictions"]] == list(
+        np.argmax(out["logits"], -1)
+    )
+
+
+# --------------------------------------------------------------------------
+# DKSModel: only the backbone and the main classifier are exported
+# --------------------------------------------------------------------------
+def test_dks_model_exports_main_head_only(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = DKSModel(tiny_backbone(), num_classes=CLASSES, taps=["s1", "s2"], head="residual")
+    inference = model.inference_model()
+    aux = model.head_names[1:]
+    assert aux == ["aux_s2", "aux_s1"]
+    # Not vacuous: the DKS model does hold auxiliary variables.
+    assert any(h in v.path for v in model.variables for h in aux)
+    assert sizes(model.variables)[1] > sizes(inference.variables)[1]
+
+    path = export_saved_model(model, tmp_path, top_k=2)
+    serve = serving_fn(path)
+    assert sizes(serve.variables) == sizes(inference.variables)
+    # Stored once each (model.export stores every weight twice, keras#23553).
+    assert checkpoint_sizes(path) == sizes(inference.variables)
+    names = [v.name for v in serve.variables]
+    assert not [n for n in names if any(h in n for h in aux)], names
+    assert any(n.startswith("s3_conv/") for n in names)
+
+    images = uint8_images(seed=2)
+    logits = inference.predict(images.astype("float32"), verbose=0)
+    np.testing.assert_allclose(
+        logits, model.predict(images.astype("float32"), verbose=0)[0], atol=1e-6
+    )
+    check_outputs(serve(images=images), logits, k=2)
+
+
+def test_plain_export_holds_exactly_the_model_variables(exported):
+    model, path = exported
+    assert sizes(serving_fn(path).variables) == sizes(model.variables)
+    assert checkpoint_sizes(path) == sizes(model.variables)
+    # Reloadable as a Keras layer too, with the same weights.
+    layer = keras.layers.TFSMLayer(path, call_endpoint="serving_default")
+    assert sizes(layer.weights) == sizes(model.variables)
+    images = uint8_images(2)
+    np.testing.assert_allclose(
+        layer(images)["logits"], model.predict(images.astype("float32"), verbose=0), atol=1e-5
+    )
+
+
+# --------------------------------------------------------------------------
+# Preprocessing and mixed precision
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("adapted", [False, True])
+def test_preprocessing_is_baked_in(tmp_path, adapted):
+    model = classifier(seed=3)
+    mean, variance = np.float32([0.5, 0.4, 0.3]), np.float32([0.06, 0.05, 0.04])
+    if adapted:  # mean/variance held in variables, which must be exported
+        normalization = keras.layers.Normalization()
+        rng = np.random.default_rng(3)
+        normalization.adapt(rng.normal(mean, np.sqrt(variance), (64, 4, 4, 3)).astype("float32"))
+        mean, variance = (
+            np.asarray(v).reshape(3) for v in (normalization.mean, normalization.variance)
+        )
+    else:
+        normalization = keras.layers.Normalization(mean=mean, variance=variance)
+    preprocessing = keras.Sequential(
+        [keras.layers.Resizing(SIZE, SIZE), keras.layers.Rescaling(1 / 255), normalization]
+    )
+    path = export_saved_model(model, tmp_path, preprocessing=preprocessing)
+    serve = serving_fn(path)
+    (spec,) = serve.structured_input_signature[1].values()
+    # Free spatial size: the Resizing layer accepts any.
+    assert tuple(spec.shape) == (None, None, None, 3) and spec.dtype == tf.uint8
+    # Each value the signature uses is stored once (Keras may fold adapted
+    # statistics into constants, so preprocessing adds 0 or more variables).
+    assert checkpoint_sizes(path) == sizes(serve.variables)
+    assert sizes(model.variables) <= sizes(serve.variables) <= sizes(
+        model.variables + preprocessing.variables
+    )
+
+    images = uint8_images(3, size=SIZE)  # resizing to the same size is exact
+    floats = (images.astype("float32") / 255 - mean) / np.sqrt(variance)
+    check_outputs(serve(images=images), model.predict(floats, verbose=0), k=CLASSES)
+
+    big = uint8_images(3, size=24, seed=4)  # raw client images of another size
+    reference = model.predict(preprocessing(big.astype("float32")), verbose=0)
+    check_outputs(serve(images=big), reference, k=CLASSES)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_model_exports_float32_outputs(tmp_path, policy):
+    try:
+        keras.config.set_dtype_policy(policy)
+        model = classifier(seed=5)  # its Dense outputs float16 / bfloat16
+        assert model.outputs[0].dtype != "float32"
+        path = export_saved_model(model, tmp_path, preprocessing=keras.layers.Rescaling(1 / 255))
+        images = uint8_images(seed=5)
+        logits = np.asarray(model.predict(images.astype("float32") / 255, verbose=0), "float32")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    out = serving_fn(path)(images=images)
+    # Same half-precision graph, so close; check_outputs checks the dtypes.
+    check_outputs(out, logits, k=CLASSES, atol=2e-2)
+    # Softmax and top-k are computed in float32 from the float32 logits.
+    probs, classes, _ = np_reference(np.asarray(out["logits"]), CLASSES)
+    np.testing.assert_allclose(out["probabilities"], probs, atol=1e-6)
+    np.testing.assert_array_equal(out["classes"], classes)
+
+
+# --------------------------------------------------------------------------
+# Versions and overwriting
+# --------------------------------------------------------------------------
+def test_versions_increment_and_top_k_is_clipped(tmp_path):
+    model = classifier()
+    base = tmp_path / "new" / "base"  # created on demand
+    assert export_saved_model(model, base) == str(base / "1")
+    assert export_saved_model(model, base, top_k=50) == str(base / "2")
+    (base / "9").mkdir()
+    (base / "assets_not_a_version").mkdir()
+    (base / "12").write_text("a file, not a version folder")
+    assert export_saved_model(model, base, input_dtype="float32") == str(base / "10")
+    assert export_saved_model(model, base, version=4) == str(base / "4")
+    assert sorted(os.listdir(base)) == sorted(
+        ["1", "2", "4", "9", "10", "12", "assets_not_a_version"]
+    )  # no staging folder left behind
+    out = serving_fn(str(base / "2"))(images=uint8_images(2))
+    assert tuple(out["classes"].shape) == (2, CLASSES)
+
+
+def test_existing_version_needs_overwrite(tmp_path):
+    old, new = classifier(seed=6), classifier(seed=7)
+    images = uint8_images(seed=6)
+    path = export_saved_model(old, tmp_path, version=3)
+    before = open(os.path.join(path, "saved_model.pb"), "rb").read()
+    with pytest.raises(FileExistsError, match=r"overwrite=True"):
+        export_saved_model(new, tmp_path, version=3)
+    assert open(os.path.join(path, "saved_model.pb"), "rb").read() == before
+    check_outputs(serving_fn(path)(images=images), old.predict(images.astype("float32"), verbose=0), 5)
+
+    assert export_saved_model(new, tmp_path, version=3, overwrite=True) == path
+    check_outputs(serving_fn(path)(images=images), new.predict(images.astype("float32"), verbose=0), 5)
+    assert os.listdir(tmp_path) == ["3"]
+
+
+def test_failed_overwrite_loses_nothing(tmp_path, monkeypatch):
+    model = classifier(seed=8)
+    path = export_saved_model(model, tmp_path, version=1)
+    files = sorted(os.listdir(path))
+
+    def broken_write_out(self, filepath, **kwargs):
+        os.makedirs(filepath)
+        open(os.path.join(filepath, "saved_model.pb"), "w").write("partial")
+        raise OSError("disk full")
+
+    # ExportArchive() returns a backend subclass: patch that one.
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", broken_write_out)
+    with pytest.raises(OSError, match="disk full"):
+        export_saved_model(classifier(seed=9), tmp_path, version=1, overwrite=True)
+    assert os.listdir(tmp_path) == ["1"] and sorted(os.listdir(path)) == files
+    images = uint8_images(seed=8)
+    check_outputs(serving_fn(path)(images=images), model.predict(images.astype("float32"), verbose=0), 5)
+
+
+# --------------------------------------------------------------------------
+# Bad arguments
+# --------------------------------------------------------------------------
+def test_bad_arguments(tmp_path):
+    model = classifier()
+    base = tmp_path / "base"
+    for kwargs, match in [
+        ({"input_dtype": "int8"}, "input_dtype must be one of"),
+        ({"input_dtype": "float16"}, "input_dtype must be one of"),
+        ({"input_dtype": "pixels"}, "input_dtype must be one of"),
+        ({"version": "1"}, "version must be a non-negative integer"),
+        ({"version": 1.5}, "version must be a non-negative integer"),
+        ({"version": True}, "version must be a non-negative integer"),
+        ({"version": -1}, "version must be a non-negative integer"),
+        ({"top_k": 0}, "top_k must be an integer >= 1"),
+        ({"top_k": 2.0}, "top_k must be an integer >= 1"),
+        ({"preprocessing": "rescale"}, "preprocessing must be a keras Layer or a callable"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            export_saved_model(model, base, **kwargs)
+
+    two_heads = keras.Model(model.inputs, [model.outputs[0], model.outputs[0] * 2])
+    with pytest.raises(ValueError, match="2 outputs and is not a DKSModel"):
+        export_saved_model(two_heads, base)
+    softmax = keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
+    with pytest.raises(ValueError, match="ends in a softmax"):
+        export_saved_model(softmax, base)
+    with pytest.raises(ValueError, match="must be a keras.Model"):
+        export_saved_model(keras.layers.Dense(3), base)
+    assert not base.exists()  # nothing written on bad input
+
+
+def test_package_level_name():
+    assert keras_dks.export_saved_model is export_saved_model
+
+
+# --------------------------------------------------------------------------
+# Subprocesses: CLI and MirroredStrategy
+# --------------------------------------------------------------------------
+def run_python(args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable] + args, capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_cli_exports_a_saved_dks_model(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = DKSModel(tiny_backbone(), num_classes=CLASSES, taps=["s1"], head="simple")
+    model.save(tmp_path / "model.keras")
+    base = tmp_path / "exports"
+    result = run_python(
+        ["-m", "keras_dks.export", "--model", str(tmp_path / "model.keras"),
+         "--export_base", str(base), "--top_k", "2", "--scale", str(1 / 255)],
+        tmp_path,
+    )
+    assert result.stdout.strip().splitlines()[-1] == str(base / "1")
+    assert "RuntimeWarning" not in result.stderr  # no runpy double-import warning
+    images = uint8_images(seed=10)
+    logits = model.inference_model().predict(images.astype("float32") / 255, verbose=0)
+    check_outputs(serving_fn(str(base / "1"))(images=images), logits, k=2)
+
+
+MIRRORED_SCRIPT = """
+import sys
+import numpy as np
+import tensorflow as tf
+
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(
+    cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+import keras
+import keras_dks
+
+base = sys.argv[1]
+keras.utils.set_random_seed(0)
+strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+with strategy.scope():
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inp)
+    for k, width in enumerate([4, 8], start=1):
+        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
+        x = keras.layers.ReLU(name=f"s{k}")(x)
+    model = keras_dks.DKSModel(keras.Model(inp, x), num_classes=4, taps=["s1"], head="simple")
+    model.compile(optimizer=keras.optimizers.SGD(0.5))
+rng = np.random.default_rng(0)
+x = rng.uniform(size=(8, 16, 16, 3)).astype("float32")
+y = rng.integers(0, 4, 8)
+before = model.inference_model().predict(x, verbose=0)
+model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+assert strategy.num_replicas_in_sync == 2
+logits = model.inference_model().predict(x, verbose=0)
+assert np.abs(logits - before).max() > 1e-4, "the training step changed nothing"
+
+with strategy.scope():
+    inside = keras_dks.export_saved_model(model, base, input_dtype="float32")
+outside = keras_dks.export_saved_model(model, base, input_dtype="float32")
+for path in (inside, outside):
+    out = tf.saved_model.load(path).signatures["serving_default"](images=x)
+    np.testing.assert_allclose(out["logits"].numpy(), logits, atol=1e-5)
+    np.testing.assert_array_equal(
+        out["classes"].numpy()[:, 0], np.argmax(logits, -1))
+print("OK", inside, outside)
+"""
+
+
+def test_export_under_mirrored_strategy(tmp_path):
+    script = tmp_path / "mirrored_export.py"
+    script.write_text(textwrap.dedent(MIRRORED_SCRIPT))
+    base = tmp_path / "exports"
+    result = run_python([str(script), str(base)], tmp_path)
+    assert f"OK {base / '1'} {base / '2'}" in result.stdout
