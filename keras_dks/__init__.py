@@ -1,6 +1,8 @@
 """keras_dks: Deeply-supervised Knowledge Synergy for Keras 3 / TensorFlow."""
 
+from keras_dks import backbones
 from keras_dks import blocks
+from keras_dks import callbacks
 from keras_dks import distribute
 from keras_dks import heads
 from keras_dks import losses

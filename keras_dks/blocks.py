@@ -33,6 +33,19 @@ def he_normal():
     )
 
 
+def fresh_initializer(initializer):
+    """A serialized initializer, so every layer deserializes its own copy.
+
+    Keras 3 gives an unseeded initializer *instance* a fixed random seed when
+    it is created, so one instance shared by many layers hands identical
+    values to every weight of the same shape (e.g. all 640->640 3x3 convs of
+    a WRN group). A config dict is deserialized once per layer, and each copy
+    draws its own seed (still reproducible under
+    `keras.utils.set_random_seed`).
+    """
+    return keras.initializers.serialize(keras.initializers.get(initializer))
+
+
 class BlockConfig:
     """Settings shared by every layer a block creates.
 
@@ -47,6 +60,12 @@ class BlockConfig:
         kernel_regularizer: optional regulariser for conv kernels.
         dropout: dropout rate between the two 3x3 convs of pre-activation
             basic blocks (WRN), 0 to disable.
+        dense_kernel_initializer: initialiser of the heads' classifier
+            kernels (the backbone's own, for `keras_dks.backbones`).
+        dense_bias_initializer: initialiser of the heads' classifier biases.
+
+    Initialisers are copied per layer (`fresh_initializer`), so layers of the
+    same shape never start from identical values.
     """
 
     def __init__(
@@ -58,6 +77,8 @@ class BlockConfig:
         kernel_initializer=None,
         kernel_regularizer=None,
         dropout=0.0,
+        dense_kernel_initializer="glorot_uniform",
+        dense_bias_initializer="zeros",
     ):
         self.bn_epsilon = bn_epsilon
         self.bn_momentum = bn_momentum
@@ -66,6 +87,8 @@ class BlockConfig:
         self.kernel_initializer = kernel_initializer or he_normal()
         self.kernel_regularizer = kernel_regularizer
         self.dropout = dropout
+        self.dense_kernel_initializer = dense_kernel_initializer
+        self.dense_bias_initializer = dense_bias_initializer
 
     def replace(self, **changes):
         new = BlockConfig.__new__(BlockConfig)
@@ -93,7 +116,7 @@ def conv(x, filters, kernel_size, stride, name, config):
         strides=stride,
         padding=padding,
         use_bias=False,
-        kernel_initializer=config.kernel_initializer,
+        kernel_initializer=fresh_initializer(config.kernel_initializer),
         kernel_regularizer=config.kernel_regularizer,
         name=name,
     )(x)
@@ -103,7 +126,7 @@ def batch_norm(x, name, config):
     return keras.layers.BatchNormalization(
         epsilon=config.bn_epsilon,
         momentum=config.bn_momentum,
-        gamma_initializer=config.bn_gamma_initializer,
+        gamma_initializer=fresh_initializer(config.bn_gamma_initializer),
         synchronized=config.sync_batchnorm,
         name=name,
     )(x)

@@ -34,10 +34,17 @@ Args:
 """
 
 
-def classifier(x, num_classes, name):
+def classifier(x, num_classes, name, config=None):
     """Global average pooling + Dense, kept in float32 under mixed precision."""
+    config = config or blocks.BlockConfig()
     x = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
-    return keras.layers.Dense(num_classes, dtype="float32", name=name)(x)
+    return keras.layers.Dense(
+        num_classes,
+        kernel_initializer=blocks.fresh_initializer(config.dense_kernel_initializer),
+        bias_initializer=blocks.fresh_initializer(config.dense_bias_initializer),
+        dtype="float32",
+        name=name,
+    )(x)
 
 
 def residual_head(x, stages, num_classes, name, kind, config):
@@ -65,7 +72,7 @@ def residual_head(x, stages, num_classes, name, kind, config):
         # Pre-activation blocks end on an addition; the backbone's own
         # BN-ReLU before pooling is needed in the head too.
         x = blocks.bn_relu(x, f"{name}_final", config)
-    return classifier(x, num_classes, name)
+    return classifier(x, num_classes, name, config)
 
 
 def simple_head(x, num_classes, name):
@@ -77,7 +84,7 @@ def conv_head(x, num_classes, name, config):
     """Paper ablation: one 3x3 conv-BN-ReLU + average pooling + Dense."""
     x = blocks.conv(x, x.shape[-1], 3, 1, f"{name}_conv", config)
     x = blocks.bn_relu(x, f"{name}_conv", config)
-    return classifier(x, num_classes, name)
+    return classifier(x, num_classes, name, config)
 
 
 def default_residual_stages(

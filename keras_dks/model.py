@@ -433,7 +433,7 @@ class DKSModel(keras.Model):
             return logits
         if head == "conv":
             return heads_lib.conv_head(tensor, num_classes, head_name, config)
-        if hasattr(backbone, "dks_head_stages"):
+        if hasattr(backbone, "dks_head_stages") and tap in getattr(backbone, "dks_taps", ()):
             head_stages = list(backbone.dks_head_stages(tap))
             head_stages = [
                 heads_lib.HeadStage(
@@ -590,6 +590,12 @@ class DKSModel(keras.Model):
             ):
                 labels = tf.identity(labels)
             targets = tf.one_hot(labels, c, dtype="float32")
+            # XLA (jit_compile=True) drops Assert ops, so an out-of-range
+            # label would silently become an all-zero target there. Make its
+            # target NaN instead: the loss goes NaN and StopOnNonFiniteLoss /
+            # TerminateOnNaN stop the run. Without XLA the asserts fire first.
+            valid = tf.logical_and(labels >= 0, labels < c)
+            targets = tf.where(valid[:, None], targets, float("nan"))
         if self.label_smoothing:
             targets = targets * (1.0 - self.label_smoothing) + self.label_smoothing / c
         return labels, targets

@@ -433,3 +433,23 @@ def test_auto_taps_on_a_preactivation_network():
     # Heads use the same pre-activation basic blocks (no 1x1 bottleneck conv).
     assert "aux_g0_block1_add_stage0_block0_preact_bn" in {l.name for l in model.layers}
     assert model.get_layer("aux_g0_block1_add_stage0_block0_conv0").kernel_size == (3, 3)
+
+
+def test_head_layers_of_equal_shape_start_from_different_weights():
+    model = DKSModel(tiny_backbone(bn=True), num_classes=3, head_depth=2)
+    kernels = [l.kernel.numpy() for l in model.layers
+               if l.name.startswith("aux_") and isinstance(l, keras.layers.Conv2D)]
+    by_shape = {}
+    for k in kernels:
+        by_shape.setdefault(k.shape, []).append(k)
+    pairs = [(a, b) for ks in by_shape.values() for i, a in enumerate(ks) for b in ks[i + 1:]]
+    assert pairs, "the test needs two head convs of the same shape"
+    assert all(not np.allclose(a, b) for a, b in pairs)
+
+
+def test_own_backbone_other_taps_fall_back_to_the_generic_heads():
+    backbone = keras_dks.backbones.wide_resnet(10, 1, 10, input_shape=(16, 16, 3))
+    model = DKSModel(backbone, taps=["group0_block0_add"])
+    assert model.taps == ["group0_block0_add"]
+    pool = model.get_layer("aux_group0_block0_add_pool")
+    assert tuple(pool.input.shape[1:3]) == (4, 4)

@@ -1,0 +1,457 @@
+"""Post-activation ResNets: CIFAR ResNet-(6n+2) and ImageNet ResNet-18/34.
+
+The DKS authors released no ResNet training code; the DHM code
+(d-li14/DHM, same method and head design) is the closest reference and
+is what the initialisation follows. Both models describe their auxiliary
+branches (`dks_head_stages`) so `DKSModel` builds them from the backbone's
+own basic block.
+"""
+
+import math
+
+import keras
+
+from keras_dks import blocks
+from keras_dks import heads
+from keras_dks.backbones.wrn import check_input_shape
+from keras_dks.backbones.wrn import check_num_classes
+from keras_dks.blocks import fresh_initializer
+from keras_dks.backbones.wrn import stage_end
+
+IMAGENET_STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+def _resnet_block_config(sync_batchnorm):
+    # torchvision / DHM / fb.resnet.torch: kaiming_normal_(mode="fan_out",
+    # nonlinearity="relu") on convs (untruncated), BN gamma 1, beta 0, PyTorch
+    # BN defaults eps 1e-5 and momentum 0.1 (Keras 0.9).
+    return blocks.BlockConfig(
+        bn_epsilon=1e-5,
+        bn_momentum=0.9,
+        bn_gamma_initializer="ones",
+        sync_batchnorm=sync_batchnorm,
+        kernel_initializer=fresh_initializer(
+            keras.initializers.VarianceScaling(
+                2.0, mode="fan_out", distribution="untruncated_normal"
+            )
+        ),
+        # nn.Linear's default kernel for the heads' classifiers; its bias
+        # bound depends on fan-in, so head biases start at zero instead.
+        dense_kernel_initializer=keras.initializers.VarianceScaling(
+            1.0 / 3.0, mode="fan_in", distribution="uniform"
+        ),
+    )
+
+
+def _torch_linear(x, num_classes):
+    """Dense with PyTorch's `nn.Linear` default initialisation.
+
+    Weights kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)), bias
+    U(+-1/sqrt(fan_in)): what torchvision and the DHM code leave in place.
+    """
+    bound = 1.0 / math.sqrt(x.shape[-1])
+    return keras.layers.Dense(
+        num_classes,
+        kernel_initializer=fresh_initializer(
+            keras.initializers.VarianceScaling(
+                1.0 / 3.0, mode="fan_in", distribution="uniform"
+            )
+        ),
+        bias_initializer=fresh_initializer(
+            keras.initializers.RandomUniform(-bound, bound)
+        ),
+        dtype="float32",  # logits stay float32 under mixed precision
+        name="fc",
+    )(x)
+
+
+def _check_head_blocks(head_blocks, model_name):
+    """`[[a, b], [c]]`: blocks of the heads from the shallow and deep tap."""
+    if head_blocks is None:
+        return None
+    try:
+        shallow, deep = head_blocks
+        shallow = [int(b) for b in shallow]
+        deep = [int(b) for b in deep]
+    except (TypeError, ValueError):
+        shallow = deep = None
+    if (
+        shallow is None
+        or len(shallow) != 2
+        or len(deep) != 1
+        or min(shallow + deep) < 1
+    ):
+        raise ValueError(
+            f"{model_name} head_blocks must be [[b1, b2], [b3]] (positive block "
+            "counts of the head from the shallow tap's two stages, then of the "
+            f"head from the deep tap), e.g. [[1, 2], [2]]; got {head_blocks!r}."
+        )
+    return [shallow, deep]
+
+
+class _DKSResNetMixin:
+    """`dks_*` members shared by the two post-activation ResNets."""
+
+    @property
+    def dks_taps(self):
+        """Default auxiliary tap layers, deepest first."""
+        return [self._tap_names[1], self._tap_names[0]]
+
+    @property
+    def dks_block_kind(self):
+        """Block kind of the backbone, hence of its heads."""
+        return "basic"
+
+    def dks_block_config(self):
+        """A new `blocks.BlockConfig` with the backbone's settings."""
+        return _resnet_block_config(self.sync_batchnorm)
+
+    def dks_head_stages(self, tap_name):
+        """The auxiliary branch for `tap_name` (see the class docstring)."""
+        shallow, deep = self._tap_names
+        (b1, b2), (b3,) = self._head_blocks
+        w = self._widths  # widths of the stages after the shallow tap
+        if tap_name == shallow:
+            return [heads.HeadStage(w[0], b1, 2), heads.HeadStage(w[1], b2, 2)]
+        if tap_name == deep:
+            return [heads.HeadStage(2 * w[1], b3, 2)]
+        raise ValueError(
+            f"{self.__class__.__name__} defines auxiliary heads for the taps "
+            f"{self.dks_taps} only; got {tap_name!r}."
+        )
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="keras_dks")
+class CifarResNet(_DKSResNetMixin, keras.Model):
+    """CIFAR ResNet-`depth` (He et al. 2016, Sec. 4.2), depth = 6n + 2.
+
+        conv3x3(16) - BN - ReLU                     "stem_*"
+        stage0: n basic blocks, 16 channels, stride 1   -> "stage0"
+        stage1: n basic blocks, 32 channels, stride 2   -> "stage1"
+        stage2: n basic blocks, 64 channels, stride 2   -> "stage2"
+        global average pool -> Dense(num_classes)   (logits)
+
+    Shortcuts are "option B": a 1x1 conv + BN projection where the shape
+    changes (the first blocks of stage1 and stage2), identity elsewhere. He
+    et al. use option A (zero-padded identity, parameter-free) on CIFAR, as
+    does the DHM code (average pool + zero channels); option B adds 2,752
+    trainable parameters (ResNet-32 for 100 classes: 472,756 instead of
+    470,004) and
+    is what `keras_dks.blocks.basic_block` and the heads use everywhere.
+
+    Auxiliary heads (`dks_head_stages`), by the rule of the authors' WRN
+    code: from "stage0" a copy of stage1 (n blocks, 32, stride 2) then of
+    stage2 with n // 2 blocks (at least 1; 64, stride 2); from "stage1" a
+    copy of stage2 at double width (n blocks, 128, stride 2). The DHM code
+    uses other counts, [[5, 3], [5]] for ResNet-32 and [[9, 9], [18]] for
+    ResNet-110; pass them as `head_blocks` to reproduce it.
+
+    Initialisation (DHM / fb.resnet.torch): convs He-normal untruncated
+    fan-out, BN gamma 1 and beta 0 (epsilon 1e-5, Keras momentum 0.9),
+    classifier PyTorch's `nn.Linear` default (kernel and bias
+    U(+-1/sqrt(fan_in))) instead of Keras' Glorot-uniform kernel and zero
+    bias.
+
+    Args:
+        depth: 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...).
+        num_classes: classifier width (may be None with include_top=False).
+        input_shape: (height, width, channels) of the images.
+        include_top: if True, logits of shape (batch, num_classes); if False,
+            the 4-D output of stage2 (after its last ReLU), unpooled.
+        sync_batchnorm: `BatchNormalization(synchronized=True)` everywhere.
+        head_blocks: `None` for the rule above, or `[[b1, b2], [b3]]`: the
+            block counts of the head from "stage0" (its two stages) and of
+            the head from "stage1".
+        name: model name, default "resnet<depth>_cifar".
+
+    Example:
+    ```python
+    import keras, keras_dks
+    from keras_dks import backbones
+    backbone = backbones.resnet_cifar(32, num_classes=100)
+    backbone.count_params()  # 475,220: 472,756 trainable + BN statistics
+    backbone.dks_head_stages("stage0")    # [HeadStage(32, 5, 2), HeadStage(64, 2, 2)]
+    logits = backbone(keras.random.uniform((2, 32, 32, 3)))  # (2, 100)
+    ```
+    """
+
+    def __init__(
+        self,
+        depth,
+        num_classes,
+        input_shape=(32, 32, 3),
+        include_top=True,
+        sync_batchnorm=False,
+        head_blocks=None,
+        name=None,
+        **kwargs,
+    ):
+        if (
+            not isinstance(depth, int)
+            or isinstance(depth, bool)
+            or depth < 8
+            or (depth - 2) % 6
+        ):
+            raise ValueError(
+                "CIFAR ResNet depth must be an integer 6n + 2 with n >= 1 "
+                f"(e.g. 20, 32, 56, 110); got depth={depth!r}."
+            )
+        num_classes = check_num_classes(num_classes, include_top)
+        input_shape = check_input_shape(input_shape)
+        head_blocks = _check_head_blocks(head_blocks, "CifarResNet")
+        n = (depth - 2) // 6
+        config = _resnet_block_config(sync_batchnorm)
+
+        inputs = keras.Input(shape=input_shape, name="images")
+        x = blocks.conv(inputs, 16, 3, 1, "stem_conv", config)
+        x = blocks.bn_relu(x, "stem", config)
+        for s, (filters, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
+            x = blocks.residual_stage(
+                x, filters, n, stride, "basic", f"stage{s}", config
+            )
+            x = stage_end(x, f"stage{s}")
+        if include_top:
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            x = _torch_linear(x, num_classes)
+        super().__init__(
+            inputs=inputs,
+            outputs=x,
+            name=name or f"resnet{depth}_cifar",
+            **kwargs,
+        )
+
+        self.depth = depth
+        self.num_classes = num_classes
+        self.input_shape_ = input_shape
+        self.include_top = include_top
+        self.sync_batchnorm = sync_batchnorm
+        self.head_blocks = head_blocks
+        self._tap_names = ("stage0", "stage1")
+        self._widths = (32, 64)
+        self._head_blocks = head_blocks or [[n, max(n // 2, 1)], [n]]
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "depth": self.depth,
+            "num_classes": self.num_classes,
+            "input_shape": self.input_shape_,
+            "include_top": self.include_top,
+            "sync_batchnorm": self.sync_batchnorm,
+            "head_blocks": self.head_blocks,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_dks")
+class ResNet(_DKSResNetMixin, keras.Model):
+    """ImageNet ResNet-18 / ResNet-34 with basic blocks (He et al. 2016).
+
+        conv7x7/2(64) - BN - ReLU - maxpool3x3/2        "stem_*"
+        conv2_x: basic blocks, 64 channels, stride 1    -> "conv2_x"
+        conv3_x: 128 channels, stride 2                 -> "conv3_x"
+        conv4_x: 256 channels, stride 2                 -> "conv4_x"
+        conv5_x: 512 channels, stride 2                 -> "conv5_x"
+        global average pool -> Dense(num_classes)        (logits)
+
+    Blocks per stage: [2, 2, 2, 2] (18) or [3, 4, 6, 3] (34). Layer for
+    layer torchvision's model: 1x1 conv + BN projection shortcuts where the
+    shape changes, and PyTorch's symmetric padding (the stem conv pads 3,
+    the max pool 1, stride-2 3x3 convs 1; Keras' `padding="same"` would pad
+    bottom/right only). The max pool pads with zeros instead of -inf, which
+    is the same after a ReLU. ResNet-18 for 1000 classes has 11,689,512
+    trainable parameters, as torchvision's.
+
+    Auxiliary heads (paper: after conv3_x and conv4_x): from "conv3_x" a
+    conv4_x-like stage (as many blocks as the backbone's conv4_x, 256,
+    stride 2) then a conv5_x-like stage of 2 blocks (512, stride 2); from
+    "conv4_x" a conv5_x-like stage at double width (1024, stride 2) of 2
+    blocks for ResNet-18 and 3 for ResNet-34. The DHM code's ImageNet
+    ResNets use [[1, 2], [2]] (ResNet-18) and [[3, 2], [3]] (ResNet-34),
+    i.e. fewer blocks in the conv4_x-like stage; pass them as `head_blocks`
+    to reproduce it.
+
+    Initialisation (torchvision and the DHM code): convs He-normal
+    untruncated fan-out, BN gamma 1, beta 0 (epsilon 1e-5, Keras momentum
+    0.9), classifier PyTorch's `nn.Linear` default (kernel and bias
+    U(+-1/sqrt(fan_in))) instead of Keras' Glorot-uniform kernel and zero
+    bias.
+
+    Args:
+        depth: 18 or 34.
+        num_classes: classifier width (may be None with include_top=False).
+        input_shape: (height, width, channels) of the images.
+        include_top: if True, logits of shape (batch, num_classes); if False,
+            the 4-D output of conv5_x, unpooled.
+        sync_batchnorm: `BatchNormalization(synchronized=True)` everywhere.
+        head_blocks: `None` for the rule above, or `[[b1, b2], [b3]]`: the
+            block counts of the head from "conv3_x" (its two stages) and of
+            the head from "conv4_x".
+        name: model name, default "resnet<depth>".
+
+    Example:
+    ```python
+    import keras, keras_dks
+    from keras_dks import backbones
+    backbone = backbones.resnet18(num_classes=10, input_shape=(64, 64, 3))
+    backbone.dks_taps                    # ['conv4_x', 'conv3_x']
+    backbone.dks_head_stages("conv4_x")  # [HeadStage(1024, 2, 2)]
+    logits = backbone(keras.random.uniform((2, 64, 64, 3)))  # (2, 10)
+    ```
+    """
+
+    def __init__(
+        self,
+        depth,
+        num_classes=1000,
+        input_shape=(224, 224, 3),
+        include_top=True,
+        sync_batchnorm=False,
+        head_blocks=None,
+        name=None,
+        **kwargs,
+    ):
+        if depth not in IMAGENET_STAGE_BLOCKS or isinstance(depth, bool):
+            raise ValueError(
+                f"ImageNet ResNet depth must be one of "
+                f"{sorted(IMAGENET_STAGE_BLOCKS)} (basic blocks); got "
+                f"depth={depth!r}."
+            )
+        num_classes = check_num_classes(num_classes, include_top)
+        input_shape = check_input_shape(input_shape)
+        head_blocks = _check_head_blocks(head_blocks, "ResNet")
+        stage_blocks = IMAGENET_STAGE_BLOCKS[depth]
+        config = _resnet_block_config(sync_batchnorm)
+
+        inputs = keras.Input(shape=input_shape, name="images")
+        x = blocks.conv(inputs, 64, 7, 2, "stem_conv", config)
+        x = blocks.bn_relu(x, "stem", config)
+        x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+        x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
+        for s, (filters, count, stride) in enumerate(
+            zip((64, 128, 256, 512), stage_blocks, (1, 2, 2, 2))
+        ):
+            x = blocks.residual_stage(
+                x, filters, count, stride, "basic", f"conv{s + 2}_x", config
+            )
+            x = stage_end(x, f"conv{s + 2}_x")
+        if include_top:
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            x = _torch_linear(x, num_classes)
+        super().__init__(
+            inputs=inputs, outputs=x, name=name or f"resnet{depth}", **kwargs
+        )
+
+        self.depth = depth
+        self.num_classes = num_classes
+        self.input_shape_ = input_shape
+        self.include_top = include_top
+        self.sync_batchnorm = sync_batchnorm
+        self.head_blocks = head_blocks
+        self._tap_names = ("conv3_x", "conv4_x")
+        self._widths = (256, 512)
+        self._head_blocks = head_blocks or [
+            [stage_blocks[2], 2],
+            [2 if depth == 18 else 3],
+        ]
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "depth": self.depth,
+            "num_classes": self.num_classes,
+            "input_shape": self.input_shape_,
+            "include_top": self.include_top,
+            "sync_batchnorm": self.sync_batchnorm,
+            "head_blocks": self.head_blocks,
+        }
+
+
+def resnet_cifar(
+    depth,
+    num_classes,
+    input_shape=(32, 32, 3),
+    include_top=True,
+    sync_batchnorm=False,
+    head_blocks=None,
+    name=None,
+):
+    """CIFAR ResNet-`depth` (6n + 2, e.g. 32 or 110); see `CifarResNet`.
+
+    Example:
+    ```python
+    from keras_dks import backbones
+    r110 = backbones.resnet_cifar(110, num_classes=100)
+    r110.dks_taps   # ['stage1', 'stage0']
+    ```
+    """
+    return CifarResNet(
+        depth=depth,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        include_top=include_top,
+        sync_batchnorm=sync_batchnorm,
+        head_blocks=head_blocks,
+        name=name,
+    )
+
+
+def resnet18(
+    num_classes=1000,
+    input_shape=(224, 224, 3),
+    include_top=True,
+    sync_batchnorm=False,
+    head_blocks=None,
+    name=None,
+):
+    """ImageNet ResNet-18 (torchvision layout); see `ResNet`.
+
+    Example:
+    ```python
+    from keras_dks import backbones
+    r18 = backbones.resnet18()
+    sum(int(v.numpy().size) for v in r18.trainable_weights)  # 11,689,512
+    ```
+    """
+    return ResNet(
+        18,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        include_top=include_top,
+        sync_batchnorm=sync_batchnorm,
+        head_blocks=head_blocks,
+        name=name,
+    )
+
+
+def resnet34(
+    num_classes=1000,
+    input_shape=(224, 224, 3),
+    include_top=True,
+    sync_batchnorm=False,
+    head_blocks=None,
+    name=None,
+):
+    """ImageNet ResNet-34 (torchvision layout); see `ResNet`.
+
+    Example:
+    ```python
+    from keras_dks import backbones
+    r34 = backbones.resnet34(num_classes=100, input_shape=(128, 128, 3))
+    r34.dks_head_stages("conv3_x")  # [HeadStage(256, 6, 2), HeadStage(512, 2, 2)]
+    ```
+    """
+    return ResNet(
+        34,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        include_top=include_top,
+        sync_batchnorm=sync_batchnorm,
+        head_blocks=head_blocks,
+        name=name,
+    )

@@ -1,0 +1,286 @@
+"""Pre-activation Wide ResNet, as in the DKS authors' code.
+
+The authors' `wrn_DKS/resnet.py` is the functional PyTorch WRN of
+Zagoruyko & Komodakis (szagoruyko/wide-residual-networks, `pytorch/`) with
+two auxiliary branches added. `WideResNet` rebuilds its backbone layer for
+layer and describes the two branches (`dks_head_stages`) so `DKSModel`
+attaches exactly the authors' heads.
+"""
+
+import keras
+
+from keras_dks import blocks
+from keras_dks.blocks import fresh_initializer
+from keras_dks import heads
+
+
+def check_num_classes(num_classes, include_top):
+    if not include_top:
+        return None if num_classes is None else int(num_classes)
+    if num_classes is None or int(num_classes) < 1 or int(num_classes) != num_classes:
+        raise ValueError(
+            f"num_classes must be a positive integer when include_top=True; "
+            f"got {num_classes!r}."
+        )
+    return int(num_classes)
+
+
+def check_input_shape(input_shape):
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "input_shape must be (height, width, channels); got "
+            f"{input_shape!r}."
+        )
+    return input_shape
+
+
+def stage_end(x, name):
+    # A named, weightless layer at the end of every stage: the stable tap
+    # point `dks_taps` refers to, whatever the blocks' internal names are.
+    return keras.layers.Identity(name=name)(x)
+
+
+@keras.saving.register_keras_serializable(package="keras_dks")
+class WideResNet(keras.Model):
+    """Pre-activation Wide ResNet-`depth`-`width` (Zagoruyko & Komodakis).
+
+    The backbone of the DKS authors' CIFAR code, layer for layer
+    (n = (depth - 4) / 6 blocks per group, k = width):
+
+        conv3x3(3 -> 16, no bias)
+        group0: n pre-activation basic blocks, 16k channels, stride 1
+        group1: n blocks, 32k channels, stride 2
+        group2: n blocks, 64k channels, stride 2
+        BN-ReLU ("final_bn", "final_relu") -> global average pool -> Dense
+
+    A block is o1 = ReLU(BN(x)); y = conv3x3(o1, stride);
+    o2 = ReLU(BN(y)); [dropout]; z = conv3x3(o2); out = z + shortcut, where
+    the shortcut is conv1x1(o1, stride) when the width changes and x
+    otherwise (`keras_dks.blocks.preact_basic_block`). Stride-2 convs pad
+    one pixel on every side, as PyTorch does (Keras' `padding="same"` would
+    pad only bottom/right).
+
+    The layers "group0", "group1", "group2" are the group outputs (the last
+    block's addition); "group0" and "group1" are where the authors attach
+    their auxiliary heads (`dks_taps`, `dks_head_stages`).
+
+    Initialisation, as in the authors' code (`utils.py` of szagoruyko's
+    PyTorch WRN): convs He-normal, untruncated, fan-in (`kaiming_normal`);
+    BN gamma ~ U[0, 1) (`torch.rand`), beta 0, epsilon 1e-5, PyTorch
+    momentum 0.1 (Keras momentum 0.9); the classifier's kernel He-normal
+    untruncated fan-in (`kaiming_normal` on the (out, in) weight, whose
+    fan-in is `in`) and its bias zero. These are neither PyTorch's
+    `nn.Linear` default (kaiming-uniform with a=sqrt(5) and a uniform bias)
+    nor Keras' `Dense` default (Glorot-uniform kernel, zero bias).
+
+    The authors pool with `avg_pool2d(8)` on the 8x8 map of a 32x32 input;
+    global average pooling is the same there and also works for other input
+    sizes.
+
+    Args:
+        depth: total depth, 6n + 4 with n >= 1 (16, 22, 28, 40, ...).
+        width: widening factor k; group widths are int(16k), int(32k),
+            int(64k), as in the authors' code.
+        num_classes: classifier width (may be None with include_top=False).
+        dropout: dropout rate between the two convs of every block (the
+            paper's "WRN-28-10 dropout" uses 0.3), 0 to disable.
+        input_shape: (height, width, channels) of the images.
+        include_top: if True, outputs logits (no softmax) of shape
+            (batch, num_classes); if False, the 4-D map after the final
+            BN-ReLU (layer "final_relu"), without pooling.
+        sync_batchnorm: build every BatchNormalization with
+            `synchronized=True` (statistics all-reduced across replicas
+            under `tf.distribute`).
+        name: model name, default "wrn_<depth>_<width>".
+
+    Example:
+    ```python
+    import keras, keras_dks
+    from keras_dks import backbones
+    backbone = backbones.WideResNet(depth=16, width=1, num_classes=10)
+    logits = backbone(keras.random.uniform((2, 32, 32, 3)))  # (2, 10)
+    backbone.dks_taps                    # ['group1', 'group0']
+    backbone.dks_head_stages("group1")   # [HeadStage(128, 2, 2)]
+    model = keras_dks.DKSModel(backbone)  # the authors' WRN-DKS
+    ```
+    """
+
+    def __init__(
+        self,
+        depth,
+        width,
+        num_classes,
+        dropout=0.0,
+        input_shape=(32, 32, 3),
+        include_top=True,
+        sync_batchnorm=False,
+        name=None,
+        **kwargs,
+    ):
+        # === Validation ===
+        if (
+            not isinstance(depth, int)
+            or isinstance(depth, bool)
+            or depth < 10
+            or (depth - 4) % 6
+        ):
+            raise ValueError(
+                "WideResNet depth must be an integer 6n + 4 with n >= 1 "
+                f"(e.g. 10, 16, 22, 28, 40); got depth={depth!r}."
+            )
+        if not width > 0 or int(16 * width) < 1:
+            raise ValueError(
+                f"WideResNet width must be positive (int(16 * width) >= 1); got "
+                f"width={width!r}."
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
+        num_classes = check_num_classes(num_classes, include_top)
+        input_shape = check_input_shape(input_shape)
+        n = (depth - 4) // 6
+        widths = [int(v * width) for v in (16, 32, 64)]
+        config = _wrn_block_config(sync_batchnorm, dropout)
+
+        # === Functional graph ===
+        inputs = keras.Input(shape=input_shape, name="images")
+        x = blocks.conv(inputs, 16, 3, 1, "conv0", config)
+        for g, (filters, stride) in enumerate(zip(widths, (1, 2, 2))):
+            x = blocks.residual_stage(
+                x, filters, n, stride, "preact_basic", f"group{g}", config
+            )
+            x = stage_end(x, f"group{g}")
+        x = blocks.bn_relu(x, "final", config)
+        if include_top:
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            x = keras.layers.Dense(
+                num_classes,
+                kernel_initializer=fresh_initializer(blocks.he_normal()),
+                bias_initializer="zeros",
+                dtype="float32",  # logits stay float32 under mixed precision
+                name="fc",
+            )(x)
+        super().__init__(
+            inputs=inputs,
+            outputs=x,
+            name=name or f"wrn_{depth}_{_width_str(width)}",
+            **kwargs,
+        )
+
+        # === Config ===
+        self.depth = depth
+        self.width = width
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.input_shape_ = input_shape
+        self.include_top = include_top
+        self.sync_batchnorm = sync_batchnorm
+        self._n = n
+        self._widths = widths
+
+    # --- What DKSModel reads -------------------------------------------
+    @property
+    def dks_taps(self):
+        """Default auxiliary tap layers, deepest first (authors' code)."""
+        return ["group1", "group0"]
+
+    @property
+    def dks_block_kind(self):
+        """Block kind of the backbone, hence of its heads."""
+        return "preact_basic"
+
+    def dks_block_config(self):
+        """A new `blocks.BlockConfig` with the backbone's settings."""
+        return _wrn_block_config(self.sync_batchnorm, self.dropout)
+
+    def dks_head_stages(self, tap_name):
+        """The authors' auxiliary branch for `tap_name`, as `HeadStage`s.
+
+        - "group0": a copy of group1 (n blocks, 32k, stride 2), then a
+          group2 of n // 2 blocks (64k, stride 2); at least one block, where
+          the authors' code would build an empty group for n = 1.
+        - "group1": a group2 of n blocks at double width (128k, stride 2).
+
+        Args:
+            tap_name: "group0" or "group1".
+        """
+        n, (_, w1, w2) = self._n, self._widths
+        if tap_name == "group0":
+            return [
+                heads.HeadStage(w1, n, 2),
+                heads.HeadStage(w2, max(n // 2, 1), 2),
+            ]
+        if tap_name == "group1":
+            return [heads.HeadStage(2 * w2, n, 2)]
+        raise ValueError(
+            f"{self.__class__.__name__} defines auxiliary heads for the taps "
+            f"{self.dks_taps} only; got {tap_name!r}."
+        )
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "depth": self.depth,
+            "width": self.width,
+            "num_classes": self.num_classes,
+            "dropout": self.dropout,
+            "input_shape": self.input_shape_,
+            "include_top": self.include_top,
+            "sync_batchnorm": self.sync_batchnorm,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def _width_str(width):
+    return str(int(width)) if float(width).is_integer() else str(width)
+
+
+def _wrn_block_config(sync_batchnorm, dropout):
+    return blocks.BlockConfig(
+        bn_epsilon=1e-5,
+        bn_momentum=0.9,  # PyTorch momentum 0.1
+        bn_gamma_initializer=fresh_initializer(
+            keras.initializers.RandomUniform(0.0, 1.0)  # torch.rand
+        ),
+        sync_batchnorm=sync_batchnorm,
+        kernel_initializer=fresh_initializer(blocks.he_normal()),
+        dropout=dropout,
+        # The authors' heads end in the same He-normal, zero-bias Linear.
+        dense_kernel_initializer=blocks.he_normal(),
+        dense_bias_initializer="zeros",
+    )
+
+
+def wide_resnet(
+    depth,
+    width,
+    num_classes,
+    dropout=0.0,
+    input_shape=(32, 32, 3),
+    include_top=True,
+    sync_batchnorm=False,
+    name=None,
+):
+    """WRN-`depth`-`width` of the DKS authors' code; see `WideResNet`.
+
+    Example:
+    ```python
+    from keras_dks import backbones
+    wrn = backbones.wide_resnet(28, 10, num_classes=100)
+    wrn.count_params()  # 36,554,836: 36,536,884 trainable + BN statistics
+    ```
+    """
+    return WideResNet(
+        depth=depth,
+        width=width,
+        num_classes=num_classes,
+        dropout=dropout,
+        input_shape=input_shape,
+        include_top=include_top,
+        sync_batchnorm=sync_batchnorm,
+        name=name,
+    )

@@ -1,0 +1,372 @@
+"""Tests of keras_dks.backbones: exact sizes, heads, init, padding, config.
+
+Forward passes only run on tiny models; the big parameter-count tests only
+build graphs.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+import keras_dks
+from keras_dks import backbones
+from keras_dks import heads
+
+
+def trainable_params(model):
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+
+
+def head_params(backbone, tap, num_classes):
+    """Trainable parameters of the head `backbone` describes for `tap`."""
+    shape = backbone.get_layer(tap).output.shape[1:]
+    x = keras.Input(shape)
+    logits = heads.residual_head(
+        x,
+        backbone.dks_head_stages(tap),
+        num_classes,
+        "aux",
+        backbone.dks_block_kind,
+        backbone.dks_block_config(),
+    )
+    return trainable_params(keras.Model(x, logits))
+
+
+def layers_of(model, cls):
+    return [l for l in model.layers if isinstance(l, cls)]
+
+
+# ---------------------------------------------------------------------------
+# Exact sizes
+# ---------------------------------------------------------------------------
+def test_wrn_28_10_and_its_heads_have_the_authors_parameter_counts():
+    # METHOD.md section 2: counts of the authors' wrn_DKS/resnet.py.
+    wrn = backbones.wide_resnet(28, 10, 100)
+    assert trainable_params(wrn) == 36_536_884
+    assert head_params(wrn, "group0", 100) == 20_145_060
+    assert head_params(wrn, "group1", 100) == 107_464_420
+
+
+def _cifar_resnet_params(depth, num_classes, option_b=True):
+    """He et al.'s CIFAR ResNet, counted by hand (conv no bias, BN 2c)."""
+    n = (depth - 2) // 6
+
+    def conv(k, cin, cout):
+        return k * k * cin * cout
+
+    def bn(c):
+        return 2 * c
+
+    def basic(cin, cout):
+        p = conv(3, cin, cout) + bn(cout) + conv(3, cout, cout) + bn(cout)
+        if option_b and cin != cout:  # 1x1 conv + BN projection shortcut
+            p += conv(1, cin, cout) + bn(cout)
+        return p
+
+    total = conv(3, 3, 16) + bn(16)
+    cin = 16
+    for width in (16, 32, 64):
+        for _ in range(n):
+            total += basic(cin, width)
+            cin = width
+    return total + 64 * num_classes + num_classes
+
+
+def test_cifar_resnet_parameter_counts_match_the_formula():
+    # Sanity of the formula: He et al. report 0.46M for ResNet-32 (option A,
+    # CIFAR-10) and 1.7M for ResNet-110.
+    assert round(_cifar_resnet_params(32, 10, option_b=False) / 1e6, 2) == 0.46
+    assert round(_cifar_resnet_params(110, 10, option_b=False) / 1e6, 1) == 1.7
+    expected = _cifar_resnet_params(32, 100)
+    assert expected == 472_756
+    assert trainable_params(backbones.resnet_cifar(32, 100)) == expected
+    assert trainable_params(backbones.resnet_cifar(20, 10)) == (
+        _cifar_resnet_params(20, 10)
+    )
+
+
+def test_imagenet_resnets_match_torchvision_parameter_counts():
+    assert trainable_params(backbones.resnet18()) == 11_689_512
+    assert trainable_params(backbones.resnet34()) == 21_797_672
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: backbones.wide_resnet(10, 1, 7), (32, 32, 3)),
+        (lambda: backbones.wide_resnet(10, 1, 7, input_shape=(28, 28, 1)), (28, 28, 1)),
+        (lambda: backbones.resnet_cifar(8, 7), (32, 32, 3)),
+        (lambda: backbones.resnet18(7, input_shape=(32, 32, 3)), (32, 32, 3)),
+    ],
+)
+def test_outputs_are_float32_logits(build, shape):
+    model = build()
+    x = np.random.default_rng(0).uniform(size=(3,) + shape).astype("float32")
+    logits = model.predict(x, verbose=0)
+    assert logits.shape == (3, 7)
+    assert logits.dtype == np.float32
+    fc = model.get_layer("fc")
+    assert fc.activation is keras.activations.linear  # logits, no softmax
+    assert fc.dtype_policy.name == "float32"  # also under mixed precision
+
+
+def test_include_top_false_returns_the_final_feature_map():
+    wrn = backbones.wide_resnet(10, 2, None, include_top=False)
+    assert wrn.output.shape == (None, 8, 8, 128)
+    assert wrn.output._keras_history.operation.name == "final_relu"
+    cifar = backbones.resnet_cifar(8, None, include_top=False)
+    assert cifar.output.shape == (None, 8, 8, 64)
+    r18 = backbones.resnet18(include_top=False)
+    assert r18.output.shape == (None, 7, 7, 512)
+    assert r18.get_layer("stem_pool").output.shape == (None, 56, 56, 64)
+    for model in (wrn, cifar, r18):
+        assert not layers_of(model, keras.layers.Dense)
+        assert not layers_of(model, keras.layers.GlobalAveragePooling2D)
+
+
+def test_stage_ends_are_named_and_have_the_expected_shapes():
+    wrn = backbones.wide_resnet(16, 2, 10)
+    assert [wrn.get_layer(f"group{g}").output.shape for g in range(3)] == [
+        (None, 32, 32, 32), (None, 16, 16, 64), (None, 8, 8, 128),
+    ]
+    r34 = backbones.resnet34(10, input_shape=(64, 64, 3))
+    assert [r34.get_layer(f"conv{s}_x").output.shape for s in range(2, 6)] == [
+        (None, 16, 16, 64), (None, 8, 8, 128), (None, 4, 4, 256), (None, 2, 2, 512),
+    ]
+    # The generic stage finder of keras_dks.taps agrees with dks_taps.
+    for model in (wrn, r34, backbones.resnet_cifar(8, 10)):
+        graph = keras_dks.taps.BackboneGraph(model)
+        ends = [s.name for s in graph.stages()]
+        assert set(model.dks_taps) <= set(ends)
+
+
+# ---------------------------------------------------------------------------
+# DKS head description
+# ---------------------------------------------------------------------------
+def test_wrn_head_stages():
+    HS = heads.HeadStage
+    wrn = backbones.wide_resnet(28, 10, 100)
+    assert wrn.dks_taps == ["group1", "group0"]
+    assert wrn.dks_block_kind == "preact_basic"
+    assert wrn.dks_head_stages("group0") == [HS(320, 4, 2), HS(640, 2, 2)]
+    assert wrn.dks_head_stages("group1") == [HS(1280, 4, 2)]
+    wrn10 = backbones.wide_resnet(10, 1, 10)  # n = 1: never an empty group
+    assert wrn10.dks_head_stages("group0") == [HS(32, 1, 2), HS(64, 1, 2)]
+    with pytest.raises(ValueError, match=r"taps \['group1', 'group0'\] only"):
+        wrn10.dks_head_stages("group2")
+
+
+def test_resnet_head_stages():
+    HS = heads.HeadStage
+    r32 = backbones.resnet_cifar(32, 100)
+    assert r32.dks_taps == ["stage1", "stage0"]
+    assert r32.dks_block_kind == "basic"
+    assert r32.dks_head_stages("stage0") == [HS(32, 5, 2), HS(64, 2, 2)]
+    assert r32.dks_head_stages("stage1") == [HS(128, 5, 2)]
+    r8 = backbones.resnet_cifar(8, 10)
+    assert r8.dks_head_stages("stage0") == [HS(32, 1, 2), HS(64, 1, 2)]
+
+    r18 = backbones.resnet18(10, input_shape=(64, 64, 3))
+    assert r18.dks_taps == ["conv4_x", "conv3_x"]
+    assert r18.dks_head_stages("conv3_x") == [HS(256, 2, 2), HS(512, 2, 2)]
+    assert r18.dks_head_stages("conv4_x") == [HS(1024, 2, 2)]
+    r34 = backbones.resnet34(10, input_shape=(64, 64, 3))
+    assert r34.dks_head_stages("conv3_x") == [HS(256, 6, 2), HS(512, 2, 2)]
+    assert r34.dks_head_stages("conv4_x") == [HS(1024, 3, 2)]
+    with pytest.raises(ValueError, match="conv2_x"):
+        r34.dks_head_stages("conv2_x")
+
+    # The DHM code's block counts, by override.
+    dhm = backbones.resnet18(10, input_shape=(64, 64, 3), head_blocks=[[1, 2], [2]])
+    assert dhm.dks_head_stages("conv3_x") == [HS(256, 1, 2), HS(512, 2, 2)]
+    dhm32 = backbones.resnet_cifar(32, 100, head_blocks=[[5, 3], [5]])
+    assert dhm32.dks_head_stages("stage0") == [HS(32, 5, 2), HS(64, 3, 2)]
+
+
+def test_dks_block_config_matches_the_backbone():
+    wrn = backbones.wide_resnet(10, 1, 10, dropout=0.3, sync_batchnorm=True)
+    config = wrn.dks_block_config()
+    assert config is not wrn.dks_block_config()  # callers may modify it
+    assert (config.bn_epsilon, config.bn_momentum) == (1e-5, 0.9)
+    assert config.dropout == 0.3 and config.sync_batchnorm
+    assert all(bn.synchronized for bn in layers_of(wrn, keras.layers.BatchNormalization))
+    assert len(layers_of(wrn, keras.layers.Dropout)) == 3
+    r8 = backbones.resnet_cifar(8, 10)
+    assert r8.dks_block_config().dropout == 0
+    assert not r8.dks_block_config().sync_batchnorm
+
+
+def test_dks_model_attaches_the_backbones_heads():
+    backbone = backbones.wide_resnet(10, 1, 10)
+    model = keras_dks.DKSModel(backbone)
+    assert model.taps == ["group1", "group0"]
+    heads_total = head_params(backbone, "group1", 10) + head_params(
+        backbone, "group0", 10
+    )
+    assert trainable_params(model) == trainable_params(backbone) + heads_total
+
+
+# ---------------------------------------------------------------------------
+# Initialisation and normalisation
+# ---------------------------------------------------------------------------
+def test_wrn_batchnorm_and_init_follow_the_authors_code():
+    keras.utils.set_random_seed(0)
+    wrn = backbones.wide_resnet(10, 4, 10)
+    bns = layers_of(wrn, keras.layers.BatchNormalization)
+    assert all(bn.epsilon == 1e-5 and bn.momentum == 0.9 for bn in bns)
+    gammas = np.concatenate([bn.gamma.numpy() for bn in bns])
+    assert gammas.min() >= 0.0 and gammas.max() < 1.0  # torch.rand
+    assert 0.45 < gammas.mean() < 0.55 and gammas.std() > 0.25
+    assert np.all(np.concatenate([bn.beta.numpy() for bn in bns]) == 0)
+    # Every layer draws its own values (one shared Keras initializer
+    # instance would give same-shaped weights identical values).
+    same_shape = [
+        wrn.get_layer(name).gamma.numpy()  # both 128 channels
+        for name in ("group1_block0_mid_bn", "group2_block0_preact_bn")
+    ]
+    assert not np.allclose(same_shape[0], same_shape[1])
+
+    # Convs: He-normal, untruncated, fan-in.
+    kernel = wrn.get_layer("group2_block0_conv1").kernel.numpy()  # 3x3x256x256
+    std = np.sqrt(2.0 / (9 * 256))
+    assert abs(kernel.std() / std - 1) < 0.03
+    assert np.abs(kernel).max() > 3.5 * std  # a truncated normal stops at 2
+    # Classifier: kaiming_normal weight, zero bias (szagoruyko utils.py).
+    fc = wrn.get_layer("fc")
+    assert np.all(fc.bias.numpy() == 0)
+    assert abs(fc.kernel.numpy().std() / np.sqrt(2.0 / 256) - 1) < 0.15
+
+
+def test_resnet_init_follows_torchvision():
+    keras.utils.set_random_seed(0)
+    r20 = backbones.resnet_cifar(20, 100)
+    bns = layers_of(r20, keras.layers.BatchNormalization)
+    assert all(bn.epsilon == 1e-5 and bn.momentum == 0.9 for bn in bns)
+    assert all(np.all(bn.gamma.numpy() == 1) for bn in bns)
+    # kaiming_normal_(mode="fan_out"): 3x3x32x64 -> fan_out 9 * 64.
+    kernel = r20.get_layer("stage2_block0_conv0").kernel.numpy()
+    assert abs(kernel.std() / np.sqrt(2.0 / (9 * 64)) - 1) < 0.03
+    a = r20.get_layer("stage2_block1_conv0").kernel.numpy()
+    b = r20.get_layer("stage2_block2_conv0").kernel.numpy()
+    assert not np.allclose(a, b)
+    # nn.Linear default: weight and bias U(+-1/sqrt(fan_in)), fan_in 64.
+    fc = r20.get_layer("fc")
+    bound = 1 / 8
+    for w in (fc.kernel.numpy(), fc.bias.numpy()):
+        assert np.abs(w).max() <= bound and np.abs(w).max() > 0.9 * bound
+    assert abs(fc.kernel.numpy().std() / (bound / np.sqrt(3)) - 1) < 0.05
+
+
+# ---------------------------------------------------------------------------
+# PyTorch-style padding
+# ---------------------------------------------------------------------------
+def test_stride2_convs_pad_symmetrically_like_pytorch():
+    wrn = backbones.wide_resnet(10, 1, 10)
+    probe = keras.Model(
+        wrn.input,
+        [
+            wrn.get_layer("group1_block0_preact_relu").output,
+            wrn.get_layer("group1_block0_conv0").output,
+            wrn.get_layer("group1_block0_convdim").output,
+        ],
+    )
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    o1, conv, convdim = probe.predict(x, verbose=0)
+    kernel = wrn.get_layer("group1_block0_conv0").kernel
+    # PyTorch conv2d(padding=1, stride=2) on the even 32x32 map.
+    symmetric = tf.nn.conv2d(
+        tf.pad(o1, [[0, 0], [1, 1], [1, 1], [0, 0]]), kernel, 2, "VALID"
+    )
+    np.testing.assert_allclose(conv, symmetric, rtol=1e-4, atol=1e-4)
+    keras_same = tf.nn.conv2d(o1, kernel, 2, "SAME")  # pads bottom/right only
+    assert not np.allclose(conv, keras_same, atol=1e-3)
+    # conv1x1 stride 2, no padding: keeps the even rows and columns.
+    dim_kernel = wrn.get_layer("group1_block0_convdim").kernel
+    np.testing.assert_allclose(
+        convdim, tf.nn.conv2d(o1, dim_kernel, 2, "VALID"), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_resnet_stem_max_pool_matches_pytorch_padding():
+    r18 = backbones.resnet18(10, input_shape=(32, 32, 3))
+    probe = keras.Model(
+        r18.input, [r18.get_layer("stem_relu").output, r18.get_layer("stem_pool").output]
+    )
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    relu, pooled = probe.predict(x, verbose=0)
+    # MaxPool2d(3, stride=2, padding=1) pads with -inf.
+    padded = tf.pad(relu, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=-np.inf)
+    np.testing.assert_allclose(pooled, tf.nn.max_pool2d(padded, 3, 2, "VALID"))
+    assert pooled.shape == (2, 8, 8, 64)
+
+
+# ---------------------------------------------------------------------------
+# Serialisation
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: backbones.wide_resnet(10, 1, 5, dropout=0.3),
+        lambda: backbones.resnet_cifar(8, 5, head_blocks=[[1, 1], [2]]),
+        lambda: backbones.resnet18(5, input_shape=(32, 32, 3), include_top=False),
+    ],
+)
+def test_config_round_trip(build):
+    model = build()
+    clone = model.__class__.from_config(model.get_config())
+    assert type(clone) is type(model)
+    assert clone.get_config() == model.get_config()
+    assert trainable_params(clone) == trainable_params(model)
+    clone.set_weights(model.get_weights())
+    x = np.random.default_rng(1).uniform(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        clone.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
+    assert clone.dks_taps == model.dks_taps
+    assert clone.dks_head_stages(model.dks_taps[0]) == model.dks_head_stages(
+        model.dks_taps[0]
+    )
+
+
+def test_save_and_load_keras_file(tmp_path):
+    model = backbones.wide_resnet(10, 1, 5)
+    path = str(tmp_path / "wrn.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, backbones.WideResNet)
+    assert loaded.dks_head_stages("group0") == model.dks_head_stages("group0")
+    x = np.random.default_rng(2).uniform(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-5
+    )
+
+
+# ---------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: backbones.wide_resnet(27, 10, 100), r"6n \+ 4 .*depth=27"),
+        (lambda: backbones.wide_resnet(4, 1, 10), r"6n \+ 4 with n >= 1"),
+        (lambda: backbones.wide_resnet(28.0, 10, 100), r"integer 6n \+ 4"),
+        (lambda: backbones.wide_resnet(16, 0, 10), "width must be positive"),
+        (lambda: backbones.wide_resnet(16, 1, 10, dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (lambda: backbones.wide_resnet(16, 1, 0), "num_classes must be a positive integer"),
+        (lambda: backbones.wide_resnet(16, 1, None), "num_classes must be a positive integer"),
+        (lambda: backbones.wide_resnet(16, 1, 10, input_shape=(32, 32)), r"\(height, width, channels\)"),
+        (lambda: backbones.resnet_cifar(33, 100), r"6n \+ 2 .*depth=33"),
+        (lambda: backbones.resnet_cifar(2, 100), r"6n \+ 2 with n >= 1"),
+        (lambda: backbones.ResNet(50), r"one of \[18, 34\]"),
+        (lambda: backbones.resnet18(head_blocks=[[1], [2]]), r"\[\[b1, b2\], \[b3\]\]"),
+        (lambda: backbones.resnet_cifar(8, 10, head_blocks=[[1, 0], [2]]), "positive block"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
