@@ -2,12 +2,12 @@
 
 from keras_dks import backbones
 from keras_dks import blocks
-from keras_dks import callbacks
 from keras_dks import distribute
 from keras_dks import heads
 from keras_dks import losses
 from keras_dks import taps
 from keras_dks.model import DKSModel
+from keras_dks import methods  # after DKSModel: methods subclasses it
 
 __version__ = "0.1.0"
 

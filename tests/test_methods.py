@@ -1,0 +1,524 @@
+"""The method family: registry, DHM (stochastic pairs, dynamic roots), SRDL, KD."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_dks
+from keras_dks import DKSModel
+from keras_dks import methods
+from keras_dks.methods import DHMModel, RootResampler, SRDL
+
+
+def stage_backbone(size=8, name="stages"):
+    """Stem + two stride-2 stages; stage ends s1 (4x4) and s2 (2x2)."""
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="s1")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s3")(x)
+    return keras.Model(inp, x, name=name)
+
+
+def chain_backbone(size=8):
+    """Three equally shaped layers a1 -> a2 -> a3 (4x4x4): candidate roots."""
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="a1")(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="a2")(x)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="a3")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="b")(x)
+    return keras.Model(inp, x, name="chain")
+
+
+def data(n=16, size=8, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.uniform(size=(n, size, size, 3)).astype("float32"),
+        rng.integers(0, classes, n),
+    )
+
+
+def np_log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def np_softmax(z):
+    return np.exp(np_log_softmax(z))
+
+
+def chi_square(counts, probs):
+    expected = np.asarray(probs) * np.sum(counts)
+    return float(np.sum((np.asarray(counts) - expected) ** 2 / expected))
+
+
+# --------------------------------------------------------------------------
+# One switch
+# --------------------------------------------------------------------------
+def test_method_registry_and_kwargs():
+    assert methods.METHODS == ("baseline", "ds", "dks", "dhm", "srdl")
+    assert keras_dks.methods is methods
+    assert methods.dks_kwargs("baseline") == {"taps": []}
+    assert methods.dks_kwargs("ds") == {"pairs": "none"}
+    assert methods.dks_kwargs("dks", pairs="top_down") == {"pairs": "top_down"}
+    assert methods.dks_kwargs("dhm", head="conv") == {
+        "pairs": "bidirectional", "pair_keep_prob": 0.5, "head": "conv"
+    }
+    with pytest.raises(ValueError, match="SRDL"):
+        methods.dks_kwargs("srdl")
+    with pytest.raises(ValueError, match="Unknown method"):
+        methods.dks_kwargs("kd")
+    with pytest.raises(ValueError, match="baseline has no auxiliary"):
+        methods.dks_kwargs("baseline", taps=["s1"])
+    with pytest.raises(ValueError, match="DS has no synergy"):
+        methods.dks_kwargs("ds", pairs="bidirectional")
+    with pytest.raises(ValueError, match="method='dhm'"):
+        methods.dks_kwargs("dks", roots=[["s1", "s2"]])
+
+    built = {
+        m: methods.build_model(m, stage_backbone(), num_classes=5, head="simple")
+        for m in ("baseline", "ds", "dks", "dhm")
+    }
+    assert built["baseline"].head_names == ["main"]
+    assert built["ds"].pair_list == [] and len(built["ds"].head_names) == 3
+    assert len(built["dks"].pair_list) == 6 and built["dks"].pair_keep_prob == 1.0
+    assert isinstance(built["dhm"], DHMModel) and built["dhm"].pair_keep_prob == 0.5
+    assert built["dhm"].taps == built["dks"].taps  # roots="auto": DKS's taps
+    assert built["dhm"].roots == built["dks"].taps
+
+
+# --------------------------------------------------------------------------
+# DHM (a): stochastic pairs
+# --------------------------------------------------------------------------
+def reference_mask(seed, step, num_pairs, p):
+    draw = tf.random.stateless_uniform(
+        [num_pairs], seed=tf.constant([seed, step], tf.int64)
+    ).numpy()
+    return (draw < p).astype("float32")
+
+
+def reference_synergy(logits, pair_list, mask=None):
+    total = 0.0
+    for k, (s, t) in enumerate(pair_list):
+        h = -(np_softmax(logits[t]) * np_log_softmax(logits[s])).sum(-1).mean()
+        total += (1.0 if mask is None else mask[k]) * h
+    return total
+
+
+def test_stochastic_pairs_keep_rate_and_masked_loss():
+    p = 0.3
+    model = DKSModel(
+        stage_backbone(), num_classes=5, taps=["s1", "s2"], head="simple",
+        pair_keep_prob=p, seed=11,
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    num_pairs = len(model.pair_list)
+    assert num_pairs == 6
+
+    # Keep-rate over many steps: binomial, 4.5 standard deviations.
+    steps = 1000
+    masks = []
+    for step in range(steps):
+        model.optimizer.iterations.assign(step)
+        masks.append(model._pair_mask(training=True).numpy())
+    masks = np.stack(masks)
+    rate = masks.mean(0)
+    tol = 4.5 * np.sqrt(p * (1 - p) / steps)
+    assert np.all(np.abs(rate - p) < tol), rate
+    # ... and it is the documented stateless draw from (seed, step).
+    np.testing.assert_array_equal(masks[7], reference_mask(11, 7, num_pairs, p))
+
+    # A step with both kept and dropped pairs: dropped terms add nothing.
+    step = next(s for s in range(steps) if 0 < masks[s].sum() < num_pairs)
+    x, y = data()
+    model.optimizer.iterations.assign(step)
+    logits = [z.numpy() for z in model(x, training=True)]
+    mask = reference_mask(11, step, num_pairs, p)
+    want = reference_synergy(logits, model.pair_list, mask)
+    assert abs(want - reference_synergy(logits, model.pair_list)) > 1e-3
+    terms = model.compute_dks_loss(y, logits, training=True)
+    np.testing.assert_allclose(float(terms["synergy"]), want, rtol=1e-5)
+    # The compiled train step logs exactly this (lr 0: weights unchanged).
+    logs = model.train_on_batch(x, y, return_dict=True)
+    np.testing.assert_allclose(logs["synergy_loss"], want, rtol=1e-5)
+
+    # Evaluation keeps every pair and is deterministic.
+    full = reference_synergy(logits, model.pair_list)
+    first = model.evaluate(x, y, verbose=0, return_dict=True)
+    second = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert first == second
+    np.testing.assert_allclose(first["synergy_loss"], full, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# DHM (b): dynamic roots
+# --------------------------------------------------------------------------
+def dhm_model(**kwargs):
+    kwargs.setdefault("head", "simple")
+    kwargs.setdefault("seed", 3)
+    return DHMModel(chain_backbone(), num_classes=5, **kwargs)
+
+
+def test_root_choice_frequencies_match_distribution():
+    probs = [0.2, 0.5, 0.3]
+    model = dhm_model(roots=[["a1", "a2", "a3"]], root_probs=[probs])
+    (sel,) = model.root_selectors
+    assert sel.candidates == ["a1", "a2", "a3"] and sel.eval_index == 1
+    draws = np.array([int(sel.draw(k)) for k in range(2000)])
+    counts = np.bincount(draws, minlength=3)
+    # chi-square, 2 degrees of freedom: 13.8 is the 0.1 % critical value.
+    assert chi_square(counts, probs) < 13.8, counts
+
+    # The per-epoch callback assigns exactly these draws.
+    model.compile(optimizer="sgd")
+    resampler = RootResampler()
+    resampler.set_model(model)
+    for epoch in range(50):
+        resampler.on_epoch_begin(epoch)
+        assert int(sel.index.numpy()) == draws[epoch]
+    assert resampler.choices[3] == (3, {"aux_a1_a2_a3": sel.candidates[draws[3]]})
+
+    # Per step: the index the training forward pass uses is the draw of the
+    # optimizer's step counter.
+    model = dhm_model(roots=[["a1", "a2", "a3"]], root_probs=[probs], root_sampling="step")
+    model.compile(optimizer="sgd")
+    (sel,) = model.root_selectors
+    for step in (0, 1, 17, 400):
+        model.optimizer.iterations.assign(step)
+        assert int(sel.current_index(training=True)) == int(sel.draw(step))
+        assert int(sel.current_index(training=False)) == sel.eval_index
+
+
+def test_gradient_reaches_only_the_chosen_root():
+    model = dhm_model(roots=[["a2", "a3"]])
+    (sel,) = model.root_selectors
+    x, _ = data(4)
+    aux = model.head_names.index("aux_a2_a3")
+    a2_kernel = model.get_layer("a2").kernel
+    a3_kernel = model.get_layer("a3").kernel  # feeds a3 only, not a2
+
+    def grads(index, head):
+        sel.index.assign(index)
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)[head]
+            loss = tf.reduce_sum(out * out)
+        g = tape.gradient(loss, [a2_kernel, a3_kernel])
+        return [0.0 if v is None else float(tf.reduce_sum(tf.abs(v))) for v in g]
+
+    g_a2_root = grads(0, aux)
+    assert g_a2_root[0] > 0 and g_a2_root[1] == 0.0  # a3 unchosen: nothing
+    g_a3_root = grads(1, aux)
+    assert g_a3_root[0] > 0 and g_a3_root[1] > 0
+    assert grads(0, 0)[1] > 0  # the main head still trains a3
+
+    # Training-mode aux logits follow the chosen root; evaluation uses the
+    # eval root (here the first, ties -> first) whatever the variable holds.
+    sel.index.assign(1)
+    train_a3 = model(x, training=True)[aux].numpy()
+    eval_a = model(x, training=False)[aux].numpy()
+    sel.index.assign(0)
+    train_a2 = model(x, training=True)[aux].numpy()
+    np.testing.assert_allclose(train_a2, eval_a, rtol=1e-6)
+    assert not np.allclose(train_a3, eval_a)
+    sel.index.assign(1)
+    np.testing.assert_array_equal(model.predict(x, verbose=0)[aux], eval_a)
+
+
+def test_dhm_fit_evaluate_save_load(tmp_path):
+    model = dhm_model(
+        roots=[["a2", "a3"], "a1"], root_probs=[[0.25, 0.75], None],
+        eval_roots=["a2", None], head="conv", seed=5,
+    )
+    assert model.head_names == ["main", "aux_a2_a3", "aux_a1"]
+    assert len(model.pair_list) == 6 and model.pair_keep_prob == 0.5
+    x, y = data(16)
+    model.compile(optimizer=keras.optimizers.SGD(0.05), metrics=["accuracy"])
+    resampler = RootResampler()
+    history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[resampler])
+    assert [c[0] for c in resampler.choices] == [0, 1, 2]
+    assert "aux_a2_a3_accuracy" in history.history
+    sel = model.root_selectors[0]
+    assert sel.candidates[int(sel.index.numpy())] == resampler.choices[-1][1]["aux_a2_a3"]
+    # fit adds a resampler itself when none is given.
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+
+    # Evaluation is deterministic (eval root, no pair dropping).
+    e1 = model.evaluate(x, y, verbose=0, return_dict=True)
+    sel.index.assign(1 - int(sel.index.numpy()))
+    e2 = model.evaluate(x, y, verbose=0, return_dict=True)
+    assert e1 == e2
+
+    path = str(tmp_path / "dhm.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, DHMModel)
+    for key in ("roots", "root_probs", "root_sampling", "eval_roots", "seed"):
+        assert loaded.get_config()[key] == model.get_config()[key], key
+    assert loaded.roots == [["a2", "a3"], "a1"]
+    assert int(loaded.root_selectors[0].index.numpy()) == int(sel.index.numpy())
+    for a, b in zip(model.predict(x, verbose=0), loaded.predict(x, verbose=0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    loaded.fit(x, y, epochs=1, batch_size=8, verbose=0)  # resumes training
+    # The inference model is the plain network: no selector in it.
+    serving = model.inference_model()
+    assert not methods.dhm.root_selectors(serving)
+
+
+def test_dhm_rejects_bad_roots():
+    with pytest.raises(ValueError, match="same output shape"):
+        dhm_model(roots=[["stem", "a1"]])
+    with pytest.raises(ValueError, match="probabilities"):
+        dhm_model(roots=[["a1", "a2"]], root_probs=[[1.0]])
+    with pytest.raises(ValueError, match="names a layer twice"):
+        dhm_model(roots=[["a1", "a2"], "a2"])
+    with pytest.raises(ValueError, match="not a candidate"):
+        dhm_model(roots=[["a1", "a2"]], eval_roots=["a3"])
+    with pytest.raises(ValueError, match="Unknown tap"):
+        dhm_model(roots=[["a1", "nope"]])
+
+
+_MIRRORED = textwrap.dedent(
+    """
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import numpy as np, keras
+    sys_path = {path!r}
+    import sys; sys.path.insert(0, sys_path)
+    from test_methods import chain_backbone, data
+    from keras_dks.methods import DHMModel, RootResampler
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    x, y = data(16)
+    for sampling in ("epoch", "step"):
+        with strategy.scope():
+            model = DHMModel(chain_backbone(), num_classes=5, roots=[["a1", "a2"]],
+                             root_sampling=sampling, head="simple", seed=2)
+            model.compile(optimizer="sgd")
+        resampler = RootResampler()
+        model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[resampler])
+        sel = model.root_selectors[0]
+        values = [int(v.numpy()) for v in sel.index.value.values]
+        if sampling == "epoch":
+            assert len(values) == 2 and values[0] == values[1] == int(sel.draw(2)), values
+
+    # SRDL stage 2: CE + T^2 KL is scaled for the replicas exactly once, so
+    # one step on 2 replicas equals one step on a single device.
+    from keras_dks.methods import SRDLModel
+    from test_methods import small_net
+    net = small_net()
+    weights = net.get_weights()
+    table = np.random.default_rng(0).dirichlet(np.ones(5), size=16).astype("float32")
+    after = []
+    for scope in (strategy.scope(), tf.distribute.get_strategy().scope()):
+        with scope:
+            copy = small_net()
+            copy.set_weights(weights)
+            trainer = SRDLModel(copy, soft_targets=table)
+            trainer.compile(keras.optimizers.SGD(0.5),
+                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        trainer.fit((x, np.arange(16)), y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+        after.append(copy.get_weights())
+    for a, b in zip(*after):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(after[0][0], weights[0])
+    print("OK")
+    """
+)
+
+
+def test_dhm_roots_and_srdl_loss_under_mirrored_strategy():
+    code = _MIRRORED.format(path=os.path.dirname(__file__))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------
+# SRDL
+# --------------------------------------------------------------------------
+def small_net():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(5, name="logits"),
+        ]
+    )
+
+
+class LearningRateLog(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.stages = []
+
+    def on_train_begin(self, logs=None):
+        self.stages.append([])
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.stages[-1].append(float(self.model.optimizer.learning_rate))
+
+
+def test_srdl_targets_restart_and_schedule():
+    n, T = 48, 3.0
+    x, y = data(n)
+    created = []
+
+    def model_fn():
+        net = small_net()
+        created.append([w.copy() for w in net.get_weights()])
+        return net
+
+    ds = (
+        methods.with_index(tf.data.Dataset.from_tensor_slices((x, y)))
+        .shuffle(n, seed=1, reshuffle_each_iteration=True)
+        .batch(16)
+    )
+    lr_log = LearningRateLog()
+    srdl = SRDL(
+        model_fn, epochs=4, temperature=T,
+        optimizer_fn=lambda steps: keras.optimizers.SGD(
+            methods.step_decay(0.05, steps), momentum=0.9),
+        metrics=["accuracy"],
+    )
+    h1, h2 = srdl.fit(ds, callbacks=[lr_log], verbose=0, validation_data=(x, y))
+    assert srdl.stage_epochs == 2 and srdl.stage_steps == 6
+    assert len(h1.history["loss"]) == len(h2.history["loss"]) == 2
+    assert "distill_loss" in h2.history and "distill_loss" not in h1.history
+
+    # The table is softmax(z / T) of the stage-1 model, row i = example i,
+    # computed here independently by predicting all examples in order.
+    z1 = srdl.stage1_model.predict(x, verbose=0)
+    table = np_softmax(z1 / T)
+    np.testing.assert_allclose(srdl.soft_targets, table, rtol=1e-5, atol=1e-7)
+
+    # Under shuffling, the compiled stage-2 step gathers the stored
+    # probabilities of the very examples in the batch...
+    trainer = srdl.trainers[1]
+    (images, index), labels = next(iter(ds))
+    index = index.numpy()
+    assert not np.array_equal(index, np.arange(16))  # really shuffled
+    got = trainer.distillation_targets(index).numpy()
+    np.testing.assert_allclose(got, table[index], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        got, np_softmax(srdl.stage1_model(images).numpy() / T), rtol=1e-5, atol=1e-7
+    )
+    # ... and its loss is CE + T^2 KL(stored || softmax(z / T)).
+    z2 = srdl.model(images).numpy()
+    log_q = np_log_softmax(z2 / T)
+    kl = (got * (np.log(got) - log_q)).sum(-1).mean()
+    ce = -np_log_softmax(z2)[np.arange(16), labels.numpy()].mean()
+    loss = trainer.compute_loss(
+        x=(images, index), y=labels, y_pred=trainer((images, index)), training=True
+    )
+    np.testing.assert_allclose(float(loss), ce + T**2 * kl, rtol=1e-4)
+    # Evaluation is CE only (no index needed).
+    loss_eval = trainer.compute_loss(
+        x=images, y=labels, y_pred=trainer(images), training=False
+    )
+    np.testing.assert_allclose(float(loss_eval), ce, rtol=1e-4)
+
+    # Restart: stage 2 started from new random weights (unseeded Keras
+    # initialisers), neither stage 1's initial nor its final weights.
+    assert len(created) == 2
+    init1, init2 = created[0][0], created[1][0]  # conv kernels
+    final1 = srdl.stage1_model.get_weights()[0]
+    assert not np.allclose(init2, init1) and not np.allclose(init2, final1)
+    assert not np.allclose(final1, init1)  # stage 1 did train
+
+    # The schedule restarts: the same complete schedule in each stage.
+    s1, s2 = lr_log.stages
+    assert len(s1) == len(s2) == 6
+    assert s2[0] == pytest.approx(0.05) and s1[0] == pytest.approx(0.05)
+    assert s1[-1] == pytest.approx(0.0005) and s2 == pytest.approx(s1)
+
+
+class StartWeights(keras.callbacks.Callback):
+    def __init__(self, store):
+        super().__init__()
+        self.store = store
+
+    def on_train_begin(self, logs=None):
+        self.store.append(self.model.model.get_weights())
+
+
+def test_srdl_numpy_inputs_no_restart_and_saving(tmp_path):
+    x, y = data(24)
+    starts = []
+    srdl = SRDL(small_net(), epochs=2, restart=False)
+    h1, h2 = srdl.fit(
+        x, y, batch_size=8, verbose=0, callbacks=lambda stage: [StartWeights(starts)]
+    )
+    assert srdl.soft_targets.shape == (24, 5) and srdl.stage_steps == 3
+    np.testing.assert_allclose(srdl.soft_targets.sum(-1), 1.0, rtol=1e-5)
+    assert np.isfinite(h2.history["distill_loss"]).all()
+    # restart=False (the paper's ablation): stage 2 continues from stage 1.
+    for a, b in zip(starts[1], srdl.stage1_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert srdl.model is not srdl.stage1_model
+    # A stage-2 trainer saves and loads with its table.
+    path = str(tmp_path / "stage2.keras")
+    srdl.trainers[1].save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.soft_targets.numpy(), srdl.soft_targets)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), srdl.model.predict(x, verbose=0), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="even"):
+        SRDL(small_net, epochs=3)
+    stage2 = methods.SRDLModel(small_net(), soft_targets=np.full((4, 5), 0.2))
+    stage2.compile("sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="index"):
+        stage2.fit(x[:4], y[:4], epochs=1, verbose=0)
+
+
+# --------------------------------------------------------------------------
+# KD with keras.distillation
+# --------------------------------------------------------------------------
+def test_distiller_with_dks_teacher():
+    x, y = data(64, seed=1)
+    dks = DKSModel(stage_backbone(), num_classes=5, taps=["s1"], head="simple")
+    dks.compile(optimizer=keras.optimizers.Adam(0.01))
+    dks.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    trainable = len(dks.trainable_variables)
+
+    teacher = methods.frozen_teacher(dks)
+    before = teacher.predict(x, verbose=0)
+    np.testing.assert_allclose(before, dks.inference_model().predict(x, verbose=0), rtol=1e-5)
+    student = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(5)]
+    )
+    distiller = keras.distillation.Distiller(
+        teacher=teacher, student=student,
+        distillation_losses=keras.distillation.LogitsDistillation(temperature=3.0),
+        student_loss_weight=0.5,
+    )
+    distiller.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = distiller.fit(x, y, epochs=6, batch_size=16, verbose=0)
+    losses = history.history["total_loss"]
+    assert losses[-1] < losses[0], losses
+    # The teacher is frozen, and the DKSModel it came from is untouched.
+    np.testing.assert_array_equal(teacher.predict(x, verbose=0), before)
+    assert len(dks.trainable_variables) == trainable
+
+    # Why frozen_teacher copies: the raw inference model shares layers with
+    # the DKSModel, and the Distiller freezes them.
+    keras.distillation.Distiller(
+        teacher=dks.inference_model(), student=student,
+        distillation_losses=keras.distillation.LogitsDistillation(),
+    )
+    assert len(dks.trainable_variables) < trainable
