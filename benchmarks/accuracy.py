@@ -1,0 +1,251 @@
+"""Baseline vs DS vs DKS (and the family) on real Fashion-MNIST, several seeds.
+
+Every method gets the same network, budget and recipe: a pre-activation WRN
+(`keras_dks.backbones.wide_resnet`) with the authors' auxiliary-head design,
+SGD with momentum 0.9, step decay x0.2 at 30 %, 60 % and 80 % of the epochs
+(the 60/120/160-of-200 CIFAR recipe, rescaled), coupled L2 5e-4 on all
+trainable variables, pad-4 random crop + horizontal flip, batch 128, on a
+fixed training subset (the same examples for every run) and the full 10k
+test set. Per epoch it records every head's train and test error.
+
+Resumable: each finished (method, seed) is stored as
+`<out_dir>/runs/<method>_seed<k>.json` and not run again; an interrupted run
+resumes from its last finished epoch (BackupAndRestore). The summary (JSON,
+Markdown table, PNG curves and bar chart) is rebuilt from whatever runs are
+finished, so it can be regenerated at any time with `--summary_only`.
+
+Usage (the committed results come from exactly this command):
+    python benchmarks/accuracy.py
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_dks  # noqa: E402
+from keras_dks.data import fashion_mnist  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("methods", ["baseline", "ds", "dks"], "Methods to compare.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one run per method and seed).")
+flags.DEFINE_integer("depth", 16, "WRN depth (6n+4).")
+flags.DEFINE_integer("width", 1, "WRN width multiplier.")
+flags.DEFINE_integer("epochs", 20, "Epochs per run.")
+flags.DEFINE_integer("train_examples", 5000, "Fixed training subset size.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 on all trainable variables.")
+flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX folder (default: Debian's).")
+flags.DEFINE_string("out_dir", "benchmarks/results/accuracy", "Where results go.")
+flags.DEFINE_bool("summary_only", False, "Only rebuild the summary from finished runs.")
+flags.DEFINE_integer("threads", 0, "TF intra-op threads (0: TensorFlow's default).")
+
+
+def datasets(seed):
+    """Augmented train, test, and un-augmented train (for the train error)."""
+    fm = fashion_mnist
+    (x, y), (x_test, y_test) = fm.load_data(FLAGS.data_dir)
+    # The subset is fixed (seed 1234), the same for every method and seed.
+    x, y = fm.subset(x, y, FLAGS.train_examples, seed=1234)
+    return (
+        fm.make_dataset(x, y, training=True, batch_size=FLAGS.batch_size, seed=seed),
+        fm.make_dataset(x_test, y_test, training=False, batch_size=500),
+        fm.make_dataset(x, y, training=False, batch_size=500),
+        len(x),
+    )
+
+
+class TrainErrorOfFixedModel(keras.callbacks.Callback):
+    """Per-head train accuracy at the end of each epoch, without augmentation
+    (the paper's Figure 1 plots train error of the model, not running means)."""
+
+    def __init__(self, data):
+        super().__init__()
+        self.data = data
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        result = self.model.evaluate(self.data, verbose=0, return_dict=True)
+        for key, value in result.items():
+            if key.endswith("accuracy"):
+                logs["clean_train_" + key] = value
+
+
+def read_epoch_log(path):
+    """Per-epoch logs of all sessions of a run (the History of a resumed fit
+    only holds the epochs after the resume)."""
+    import csv
+
+    rows = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row.get("epoch", "epoch") != "epoch":  # skip repeated headers
+                rows[int(row["epoch"])] = row
+    keys = [k for k in rows[min(rows)] if k != "epoch"]
+    return {k: [float(rows[e][k]) for e in sorted(rows)] for k in keys}
+
+
+def run(method, seed):
+    path = os.path.join(FLAGS.out_dir, "runs", f"{method}_seed{seed}.json")
+    if os.path.exists(path):
+        print(f"{method} seed {seed}: done already ({path})")
+        return
+    keras.utils.set_random_seed(seed)
+    train_ds, test_ds, clean_train_ds, n_train = datasets(seed)
+    steps = int(np.ceil(n_train / FLAGS.batch_size))
+    backbone = keras_dks.backbones.wide_resnet(
+        FLAGS.depth, FLAGS.width, 10, input_shape=(28, 28, 1)
+    )
+    kwargs = keras_dks.methods.dks_kwargs(method)
+    model = keras_dks.DKSModel(
+        backbone, weight_decay=FLAGS.weight_decay, seed=seed, **kwargs
+    )
+    boundaries = [int(f * FLAGS.epochs) * steps for f in (0.3, 0.6, 0.8)]
+    values = [FLAGS.lr * 0.2**k for k in range(4)]
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=0.9), metrics=["accuracy"]
+    )
+    run_dir = os.path.join(FLAGS.out_dir, "work", f"{method}_seed{seed}")
+    os.makedirs(run_dir, exist_ok=True)
+    clean_train = TrainErrorOfFixedModel(clean_train_ds)
+    start = time.time()
+    model.fit(
+        train_ds,
+        validation_data=test_ds,
+        epochs=FLAGS.epochs,
+        verbose=2,
+        callbacks=[
+            clean_train,
+            # CSV row before the backup: a crash in between repeats an epoch
+            # (deduplicated below) instead of losing its row.
+            keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
+            keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
+        ],
+    )
+    wall = time.time() - start
+    final = model.evaluate(test_ds, verbose=0, return_dict=True)
+    result = {
+        "method": method,
+        "seed": seed,
+        "heads": model.head_names,
+        "test_error": {
+            h: 1.0 - final["accuracy" if h == "main" else f"{h}_accuracy"] for h in model.head_names
+        },
+        "history": read_epoch_log(os.path.join(run_dir, "log.csv")),
+        "wall_seconds_last_session": wall,
+        "params_training": int(model.count_params()),
+        "params_inference": int(model.inference_model().count_params()),
+    }
+    common.write_json(path, result)
+
+
+def summarise():
+    runs_dir = os.path.join(FLAGS.out_dir, "runs")
+    runs = []
+    for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
+        with open(os.path.join(runs_dir, name)) as f:
+            runs.append(json.load(f))
+    if not runs:
+        print("No finished runs yet.")
+        return
+    by_method = {}
+    for r in runs:
+        by_method.setdefault(r["method"], []).append(r)
+    summary = {}
+    for method, rs in by_method.items():
+        heads = rs[0]["heads"]
+        summary[method] = {
+            "seeds": sorted(r["seed"] for r in rs),
+            "test_error_mean": {h: float(np.mean([r["test_error"][h] for r in rs])) for h in heads},
+            "test_error_std": {h: float(np.std([r["test_error"][h] for r in rs], ddof=1)) if len(rs) > 1 else None for h in heads},
+        }
+    env = common.environment()
+    config = {k: FLAGS[k].value for k in ("depth", "width", "epochs", "train_examples", "batch_size", "lr", "weight_decay")}
+    common.write_json(
+        os.path.join(FLAGS.out_dir, "summary.json"),
+        {"command": common.command_line(), "config": config, "environment": env, "summary": summary},
+    )
+    order = [m for m in ("baseline", "ds", "dks", "dhm", "srdl") if m in summary]
+    lines = [
+        "# Test error (%) on Fashion-MNIST, mean ± std over seeds",
+        "",
+        f"WRN-{config['depth']}-{config['width']}, {config['train_examples']} training examples, "
+        f"full 10k test set, {config['epochs']} epochs, batch {config['batch_size']}, "
+        f"SGD lr {config['lr']} x0.2 at 30/60/80 %, momentum 0.9, coupled L2 {config['weight_decay']}.",
+        "",
+        f"Command: `{common.command_line()}`  ",
+        f"Machine: {env['cpu']} ({env['cpu_count']} cores), TensorFlow {env['tensorflow']}, Keras {env['keras']}",
+        "",
+        "| method | seeds | main head | auxiliary heads |",
+        "|---|---|---|---|",
+    ]
+    for m in order:
+        s = summary[m]
+        def fmt(h):
+            std = s["test_error_std"][h]
+            return f"{100 * s['test_error_mean'][h]:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+        aux = ", ".join(f"{h}: {fmt(h)}" for h in s["test_error_mean"] if h != "main") or "-"
+        lines.append(f"| {m} | {len(s['seeds'])} | {fmt('main')} | {aux} |")
+    with open(os.path.join(FLAGS.out_dir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(by_method, summary, order)
+
+
+def plot(by_method, summary, order):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(order), figsize=(5 * len(order), 4), squeeze=False)
+    for ax, method in zip(axes[0], order):
+        rs = by_method[method]
+        for h in rs[0]["heads"]:
+            key = "accuracy" if h == "main" else f"{h}_accuracy"
+            train = np.mean([1 - np.array(r["history"]["clean_train_" + key]) for r in rs], 0)
+            test = np.mean([1 - np.array(r["history"]["val_" + key]) for r in rs], 0)
+            line = ax.plot(100 * test, label=f"{h} test")[0]
+            ax.plot(100 * train, "--", color=line.get_color(), label=f"{h} train")
+        ax.set_title(method)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("error (%)")
+        ax.set_ylim(0, 30)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(FLAGS.out_dir, "curves.png"), dpi=110)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    means = [100 * summary[m]["test_error_mean"]["main"] for m in order]
+    stds = [100 * (summary[m]["test_error_std"]["main"] or 0) for m in order]
+    ax.bar(order, means, yerr=stds, capsize=4)
+    ax.set_ylim(min(means) - 1.5, max(means) + 1.0)
+    ax.set_ylabel("main-head test error (%)")
+    fig.tight_layout()
+    fig.savefig(os.path.join(FLAGS.out_dir, "final_error.png"), dpi=110)
+
+
+def main(argv):
+    del argv
+    if FLAGS.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+    if not FLAGS.summary_only:
+        for seed in FLAGS.seeds:
+            for method in FLAGS.methods:
+                run(method, int(seed))
+    summarise()
+
+
+if __name__ == "__main__":
+    app.run(main)

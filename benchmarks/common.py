@@ -1,0 +1,81 @@
+"""Shared helpers of the benchmarks: environment record, timing, FLOPs."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+
+def environment():
+    """Versions and machine, stored beside every result."""
+    import keras
+
+    import keras_dks
+
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=False,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "keras_dks": keras_dks.__version__,
+        "git_commit": commit,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "platform": platform.platform(),
+    }
+
+
+def command_line():
+    return " ".join(["python"] + sys.argv)
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)  # never leave a half-written result behind
+
+
+def graph_flops(fn, *specs):
+    """Float operations of one call of the tf.function `fn` (static shapes)."""
+    concrete = tf.function(fn).get_concrete_function(*specs)
+    opts = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    prof = tf.compat.v1.profiler.profile(
+        graph=concrete.graph, run_meta=tf.compat.v1.RunMetadata(), cmd="op",
+        options=opts,
+    )
+    return int(prof.total_float_ops)
+
+
+def median_time(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), times

@@ -1,0 +1,215 @@
+"""What DKS costs, as ratios measured in one run on one machine.
+
+For a small pre-activation WRN (CIFAR size) and keras.applications ResNet50
+at a small input size:
+
+- train-step time of DS and DKS relative to the baseline (the same backbone
+  with the main head only), and the share of the DKS step spent in the
+  synergy loss ((t_DKS - t_DS) / t_DKS: the two differ only by that loss);
+- the FLOPs ratio of the training graph (forward + loss + gradients) to the
+  baseline's, next to the time ratio;
+- `inference_model()` latency and parameter count relative to the plain
+  backbone + classifier built independently, and the exported SavedModel's
+  latency;
+- peak memory (max RSS of a fresh process) of DKS and DS training relative to
+  the baseline.
+
+Variants are timed in interleaved rounds and the medians compared, so slow
+phases of the machine hit all of them alike.
+
+Usage:
+    python benchmarks/cost.py                      # writes benchmarks/results/cost.{json,md}
+    python benchmarks/cost.py --models wrn --rounds 3
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_dks  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("models", ["wrn", "resnet50"], "Backbones to measure.")
+flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
+flags.DEFINE_integer("steps", 5, "Train steps timed per round and variant.")
+flags.DEFINE_string("out", "benchmarks/results/cost", "Output path prefix.")
+flags.DEFINE_string("memory_child", None, "Internal: measure one variant's peak RSS.")
+
+VARIANTS = {"baseline": dict(taps=[]), "ds": dict(pairs="none"), "dks": dict(pairs="bidirectional")}
+CONFIGS = {
+    # name: (backbone factory, input shape, classes, batch)
+    "wrn": (lambda: keras_dks.backbones.wide_resnet(16, 2, 100, include_top=False), (32, 32, 3), 100, 64),
+    "resnet50": (
+        lambda: keras.applications.ResNet50(weights=None, include_top=False, input_shape=(64, 64, 3)),
+        (64, 64, 3), 100, 16,
+    ),
+}
+
+
+def build(config, variant):
+    factory, shape, classes, _ = CONFIGS[config]
+    model = keras_dks.DKSModel(factory(), num_classes=classes, **VARIANTS[variant])
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    return model
+
+
+def batch(config, seed=0):
+    _, shape, classes, size = CONFIGS[config]
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(size,) + shape).astype("float32")
+    y = rng.integers(0, classes, size)
+    return x, y
+
+
+def train_graph_flops(model, config):
+    _, shape, _, size = CONFIGS[config]
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = model.compute_dks_loss(y, logits, training=True)["loss"]
+        return tape.gradient(loss, model.trainable_variables)
+
+    return common.graph_flops(
+        step, tf.TensorSpec((size,) + shape), tf.TensorSpec((size,), tf.int32)
+    )
+
+
+def plain_network(model):
+    """Backbone + pool + Dense built independently of DKSModel, same weights."""
+    features = model.backbone.output
+    x = keras.layers.GlobalAveragePooling2D()(features)
+    out = keras.layers.Dense(model.num_classes)(x)
+    plain = keras.Model(model.backbone.input, out)
+    plain.layers[-1].set_weights(model.get_layer("main").get_weights())
+    return plain
+
+
+def latency(fn, x, repeats=20):
+    fn(x)
+    return common.median_time(lambda: fn(x), repeats)[0]
+
+
+def measure_memory_child(spec):
+    config, variant = spec.split(":")
+    model = build(config, variant)
+    x, y = batch(config)
+    for _ in range(3):
+        model.train_on_batch(x, y)
+    print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_memory(config, variant):
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), f"--memory_child={config}:{variant}"],
+        capture_output=True, text=True, check=True, timeout=1800,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["max_rss_mb"]
+
+
+def measure(config):
+    models = {v: build(config, v) for v in VARIANTS}
+    x, y = batch(config)
+    for m in models.values():  # trace and warm up
+        m.train_on_batch(x, y)
+        m.train_on_batch(x, y)
+    times = {v: [] for v in models}
+    for _ in range(FLAGS.rounds):
+        for v, m in models.items():
+            t, _ = common.median_time(lambda: m.train_on_batch(x, y), FLAGS.steps, warmup=1)
+            times[v].append(t)
+    step = {v: float(np.median(t)) for v, t in times.items()}
+    flops = {v: train_graph_flops(m, config) for v, m in models.items()}
+
+    dks = models["dks"]
+    serving = dks.inference_model()
+    plain = plain_network(dks)
+    xs = x[:8]
+    np.testing.assert_allclose(plain(xs).numpy(), serving(xs).numpy(), atol=1e-4)
+    serve_fn = tf.function(lambda t: serving(t, training=False))
+    plain_fn = tf.function(lambda t: plain(t, training=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = keras_dks.export_saved_model(dks, tmp, input_dtype="float32")
+        saved_fn = tf.saved_model.load(path).signatures["serving_default"]
+        t_saved = latency(lambda t: saved_fn(images=t), tf.constant(xs))
+    t_serving, t_plain = latency(serve_fn, tf.constant(xs)), latency(plain_fn, tf.constant(xs))
+    rss = {v: peak_memory(config, v) for v in VARIANTS}
+    return {
+        "batch": CONFIGS[config][3],
+        "input_shape": list(CONFIGS[config][1]),
+        "step_seconds": step,
+        "step_time_ratio": {v: step[v] / step["baseline"] for v in step},
+        "synergy_share_of_dks_step": (step["dks"] - step["ds"]) / step["dks"],
+        "train_graph_flops": flops,
+        "train_flops_ratio": {v: flops[v] / flops["baseline"] for v in flops},
+        "time_over_flops_ratio": {
+            v: (step[v] / step["baseline"]) / (flops[v] / flops["baseline"]) for v in step
+        },
+        "inference": {
+            "params_inference_model": int(serving.count_params()),
+            "params_plain_network": int(plain.count_params()),
+            "params_training_model": int(dks.count_params()),
+            "latency_ratio_inference_vs_plain": t_serving / t_plain,
+            "latency_ratio_savedmodel_vs_plain": t_saved / t_plain,
+            "latency_seconds_batch8": {"inference_model": t_serving, "plain": t_plain, "saved_model": t_saved},
+        },
+        "peak_rss_mb": rss,
+        "peak_rss_ratio": {v: rss[v] / rss["baseline"] for v in rss},
+    }
+
+
+def markdown(results, env, command):
+    lines = [
+        "# Cost of DS and DKS (ratios to the baseline, one run, one machine)",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {env['cpu']} ({env['cpu_count']} cores), TensorFlow {env['tensorflow']}, "
+        f"Keras {env['keras']}, keras-dks {env['keras_dks']} ({env['git_commit']})",
+        "",
+        "| backbone | input x batch | DS / base step time | DKS / base step time | DKS / base train FLOPs | "
+        "time ratio / FLOPs ratio (DKS) | synergy share of DKS step | inference params ratio | "
+        "inference latency ratio | SavedModel latency ratio | DKS / base peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        inf = r["inference"]
+        lines.append(
+            f"| {name} | {'x'.join(map(str, r['input_shape']))} x {r['batch']} "
+            f"| {r['step_time_ratio']['ds']:.2f} | {r['step_time_ratio']['dks']:.2f} "
+            f"| {r['train_flops_ratio']['dks']:.2f} | {r['time_over_flops_ratio']['dks']:.2f} "
+            f"| {100 * r['synergy_share_of_dks_step']:.1f} % "
+            f"| {inf['params_inference_model'] / inf['params_plain_network']:.2f} "
+            f"| {inf['latency_ratio_inference_vs_plain']:.2f} | {inf['latency_ratio_savedmodel_vs_plain']:.2f} "
+            f"| {r['peak_rss_ratio']['dks']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    if FLAGS.memory_child:
+        measure_memory_child(FLAGS.memory_child)
+        return
+    env, command = common.environment(), common.command_line()
+    results = {name: measure(name) for name in FLAGS.models}
+    common.write_json(FLAGS.out + ".json", {"command": command, "environment": env, "results": results})
+    with open(FLAGS.out + ".md", "w") as f:
+        f.write(markdown(results, env, command))
+    print(markdown(results, env, command))
+
+
+if __name__ == "__main__":
+    app.run(main)
