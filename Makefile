@@ -13,6 +13,8 @@ install:
 	# install keras-hub without it.
 	$(PYTHON) -m pip install -q --no-deps "keras-hub==0.32.0"
 	$(PYTHON) -m pip install -q regex rich packaging kagglehub "kagglesdk==0.1.28" tokenizers sentencepiece
+	# keras-cv: the Inception-style random-resized crop of the ImageNet pipeline.
+	$(PYTHON) -m pip install -q "keras-cv==0.9.0"
 
 data:
 	# Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist (IDX files).

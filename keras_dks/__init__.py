@@ -2,6 +2,7 @@
 
 from keras_dks import backbones
 from keras_dks import blocks
+from keras_dks import callbacks
 from keras_dks import distribute
 from keras_dks import heads
 from keras_dks import losses
@@ -19,4 +20,10 @@ def __getattr__(name):
         from keras_dks.export import export_saved_model
 
         return export_saved_model
+    # Submodules of the examples' plumbing, loaded on first use
+    # (`keras_dks.data.fashion_mnist`, `keras_dks.recipes`, `keras_dks.plots`).
+    if name in ("data", "plots", "recipes"):
+        import importlib
+
+        return importlib.import_module(f"keras_dks.{name}")
     raise AttributeError(f"module 'keras_dks' has no attribute {name!r}")

@@ -51,8 +51,9 @@ Other points for multi-worker runs:
   the same on every worker: call `keras.utils.set_random_seed(seed)` on all
   of them and pass `seed=` to `DKSModel` when `pair_keep_prob < 1` (DHM's
   stochastic pairs), otherwise workers draw different pairs.
-- Save from every worker (collective ops are involved), but only the
-  chief's files matter: give the other workers a scratch directory.
+- Save from every worker (reading some distributed variables is a
+  collective operation), but only the chief's files matter: give the other
+  workers a scratch directory.
   `BackupAndRestore`/`keras_dks.callbacks.SafeBackupAndRestore` need one
   `backup_dir` per worker.
 - All workers must run the same number of steps: use a finite, repeated or
@@ -135,8 +136,9 @@ def get_strategy(name="default", devices=None):
         if config:
             try:
                 parsed = json.loads(config)
-                parsed["cluster"]["worker"]
-                parsed["task"]["index"]
+                if not isinstance(parsed["cluster"], dict) or not parsed["cluster"]:
+                    raise ValueError("empty cluster")
+                parsed["task"]["type"], int(parsed["task"]["index"])
             except (ValueError, KeyError, TypeError):
                 raise ValueError(
                     f"TF_CONFIG={config!r} is not valid: it must be JSON like "
@@ -211,7 +213,8 @@ def rank1_logs(step_function, strategy):
     def step(data):
         logs = step_function(data)
         return tree.map_structure(
-            lambda v: tf.reshape(v, [1]) if v.shape.rank == 0 else v, logs
+            lambda v: tf.reshape(v, [1]) if len(getattr(v, "shape", [0])) == 0 else v,
+            logs,
         )
 
     return step

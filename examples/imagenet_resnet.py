@@ -1,0 +1,189 @@
+r"""ResNet-18 / ResNet-50 on ImageNet with DKS: the paper's ImageNet recipe.
+
+Auxiliary heads after conv3_x and conv4_x, built from the backbone's own
+blocks (head from conv3_x: a conv4_x-like stage + a 2-block conv5_x-like
+stage; head from conv4_x: a double-width conv5_x-like stage). ResNet-18/34
+are `keras_dks.backbones.resnet18/34`; ResNet-50 is
+`keras.applications.ResNet50(weights=None, include_top=False)`, tapped at
+`conv3_block4_out` and `conv4_block6_out`.
+
+Recipe (paper): SGD momentum 0.9, batch 256, 100 epochs, lr 0.1 divided by
+10 every 30 epochs, weight decay 1e-4 (coupled L2 on all trainable
+variables); training crop: random-resized crop to 224 + flip; test: resize
+256 + central 224 crop. Paper top-1 error (Table 2): ResNet-18 baseline
+31.06, DS 30.46, DKS 28.68; ResNet-50 baseline 25.47, DKS 23.53.
+
+Data: TFDS `imagenet2012`, which cannot be downloaded automatically: put
+`ILSVRC2012_img_train.tar` and `ILSVRC2012_img_val.tar` in --manual_dir (the
+first run prepares the TFDS records under --data_dir), or point --data_dir
+at already prepared data. Any other TFDS image classification dataset works
+through --dataset (e.g. `imagenette/320px` with --eval_split validation).
+
+Outputs as in `cifar100_wrn.py`: checkpoints (re-run to resume),
+TensorBoard, history JSON, per-head error curves PNG, model.keras, a
+SavedModel with --export_dir, and a one-line summary.
+
+Example:
+    python examples/imagenet_resnet.py --arch resnet18 --data_dir /data/tfds \
+        --manual_dir /data/imagenet --strategy mirrored --mixed_precision \
+        --model_dir runs/r18_dks
+    python examples/imagenet_resnet.py --arch resnet50 --method baseline ...
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+# Network.
+flags.DEFINE_enum("arch", "resnet18", ["resnet18", "resnet34", "resnet50"], "Backbone.")
+flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm"],
+                  "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
+                  "dhm: DKS with stochastic pairs.")
+flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],
+                  "Synergy pair strategy of dks/dhm.")
+flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (resnet18/34 and heads).")
+# Recipe.
+flags.DEFINE_integer("epochs", 100, "Training epochs.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
+flags.DEFINE_float("lr_decay", 0.1, "Learning-rate multiplier at each boundary.")
+flags.DEFINE_list("lr_boundaries", ["30", "60", "90"], "Epochs at which the learning rate decays.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum (no Nesterov).")
+flags.DEFINE_float("weight_decay", 1e-4, "Coupled L2 on all trainable variables (PyTorch SGD weight_decay).")
+flags.DEFINE_integer("seed", 0, "Random seed.")
+# Data.
+flags.DEFINE_string("dataset", "imagenet2012", "TFDS image classification dataset.")
+flags.DEFINE_string("data_dir", None, "TFDS data folder (prepared data, or where to prepare it).")
+flags.DEFINE_string("manual_dir", None, "Folder with the manually downloaded ImageNet tar files.")
+flags.DEFINE_bool("download", True, "Let TFDS prepare the dataset if needed.")
+flags.DEFINE_string("train_split", "train", "TFDS training split.")
+flags.DEFINE_string("eval_split", "validation", "TFDS test split.")
+flags.DEFINE_integer("train_examples", 0, "Use only the first N training examples (0: all).")
+flags.DEFINE_integer("image_size", 224, "Training crop / test crop size (test resize: size * 256 / 224).")
+flags.DEFINE_enum("crop", "auto", ["auto", "keras_cv", "inception"],
+                  "Training crop: keras_cv.layers.RandomCropAndResize, the tf.image Inception crop "
+                  "(decodes only the crop window of JPEGs), or auto (keras-cv when installed).")
+flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer (examples).")
+# Execution.
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute strategy.")
+flags.DEFINE_bool("mixed_precision", False, "mixed_float16 on GPU, mixed_bfloat16 on CPU.")
+flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
+flags.DEFINE_string("model_dir", "runs/imagenet_resnet", "Checkpoints, TensorBoard, history, curves, model.keras.")
+flags.DEFINE_string("export_dir", None, "If set, TF Serving SavedModel of the inference network (versioned).")
+flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0: one pass over the training data).")
+flags.DEFINE_integer("eval_steps", 0, "Test batches per evaluation (0: the whole split).")
+flags.DEFINE_integer("validation_freq", 1, "Evaluate every N epochs.")
+flags.DEFINE_integer("benchmark_steps", 50, "Batches to time the input pipeline alone (0: skip).")
+flags.DEFINE_bool("save_model", True, "Save the trained model as model_dir/model.keras.")
+flags.DEFINE_integer("verbose", 2, "fit verbosity.")
+
+
+def load_data():
+    """(train_ds, test_ds, steps_per_epoch, num_classes)."""
+    from keras_dks.data import imagenet, pipelines
+
+    crop = FLAGS.crop
+    if crop == "auto":
+        crop = "keras_cv" if imagenet.keras_cv_crop(FLAGS.image_size) is not None else "inception"
+    split = FLAGS.train_split + (f"[:{FLAGS.train_examples}]" if FLAGS.train_examples else "")
+    raw_train, info = pipelines.load_tfds(
+        FLAGS.dataset, split, FLAGS.data_dir, manual_dir=FLAGS.manual_dir, shuffle_files=True,
+        seed=FLAGS.seed, download=FLAGS.download,
+        # The tf.image crop decodes only its window of each JPEG.
+        decode_images=crop == "keras_cv",
+    )
+    raw_test, _ = pipelines.load_tfds(
+        FLAGS.dataset, FLAGS.eval_split, FLAGS.data_dir, decode_images=False, download=False
+    )
+    _, num_classes = pipelines.image_spec(info)
+    n_train = pipelines.num_examples(info, split, raw_train)
+    steps = FLAGS.steps_per_epoch or pipelines.steps_per_epoch(n_train, FLAGS.batch_size)
+    train_ds = imagenet.make_dataset(
+        raw_train, training=True, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+        crop=crop, shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed,
+        repeat=bool(FLAGS.steps_per_epoch),
+    )
+    if FLAGS.eval_steps:
+        raw_test = raw_test.take(FLAGS.eval_steps * FLAGS.batch_size)
+    test_ds = imagenet.make_dataset(
+        raw_test, training=False, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size
+    )
+    print(f"{FLAGS.dataset}: {n_train} training images, {num_classes} classes, "
+          f"{FLAGS.image_size}px crops ({crop}), {steps} steps/epoch")
+    return train_ds, test_ds, steps, num_classes
+
+
+def build_backbone(arch, num_classes, image_size, sync_batchnorm=False):
+    """The backbone of `--arch`: a keras_dks ResNet (with the authors'
+    head specs) or keras.applications.ResNet50 without its top."""
+    import keras
+    from keras_dks import backbones
+
+    shape = (image_size, image_size, 3)
+    if arch == "resnet50":
+        return keras.applications.ResNet50(weights=None, include_top=False, input_shape=shape)
+    fn = {"resnet18": backbones.resnet18, "resnet34": backbones.resnet34}[arch]
+    return fn(num_classes, input_shape=shape, sync_batchnorm=sync_batchnorm)
+
+
+def main(argv):
+    del argv
+    import keras
+    from keras_dks import recipes
+    from keras_dks.data import imagenet, pipelines
+
+    strategy = recipes.get_strategy(FLAGS.strategy)  # first, before other TF work
+    policy = recipes.set_precision(FLAGS.mixed_precision)
+    keras.utils.set_random_seed(FLAGS.seed)
+    train_ds, test_ds, steps, num_classes = load_data()
+
+    with strategy.scope():
+        backbone = build_backbone(FLAGS.arch, num_classes, FLAGS.image_size, FLAGS.sync_batchnorm)
+        model = recipes.build_model(
+            FLAGS.method, backbone, num_classes=num_classes, pairs=FLAGS.pairs,
+            weight_decay=FLAGS.weight_decay, sync_batchnorm=FLAGS.sync_batchnorm, seed=FLAGS.seed,
+        )
+        schedule = recipes.step_schedule(
+            FLAGS.lr, steps, [float(b) for b in FLAGS.lr_boundaries], FLAGS.lr_decay
+        )
+        model.compile(
+            optimizer=recipes.sgd(schedule, FLAGS.momentum),
+            metrics=["accuracy", keras.metrics.SparseTopKCategoricalAccuracy(5, name="top5")],
+            jit_compile=FLAGS.jit_compile,
+        )
+    name = f"{FLAGS.dataset} {FLAGS.arch} {FLAGS.method}"
+    print(f"{name}: heads {model.head_names}, {model.count_params():,} parameters in training, "
+          f"{model.inference_model().count_params():,} at inference; {strategy.num_replicas_in_sync} "
+          f"replica(s), policy {policy}")
+
+    model_dir = recipes.worker_dir(FLAGS.model_dir)
+    result = recipes.train(
+        model, train_ds, test_ds, epochs=FLAGS.epochs,
+        steps_per_epoch=FLAGS.steps_per_epoch or None, model_dir=model_dir,
+        batch_size=FLAGS.batch_size, validation_freq=FLAGS.validation_freq,
+        verbose=FLAGS.verbose, title=name, save_model=FLAGS.save_model,
+    )
+    pipeline = None
+    if FLAGS.benchmark_steps:
+        pipeline = pipelines.measure_throughput(train_ds, steps=FLAGS.benchmark_steps)
+    print(recipes.steps_summary(result["train_steps_per_second"], pipeline))
+    if result["eval"]:
+        print(f"top-5 error of the main head: {100 * (1 - result['eval']['top5']):.2f}%")
+    if FLAGS.export_dir:
+        export_dir = FLAGS.export_dir if recipes.is_chief() else os.path.join(model_dir, "export")
+        print("SavedModel:", recipes.export_inference_model(model, export_dir, imagenet.MEAN, imagenet.STD))
+    for key, path in result["paths"].items():
+        print(f"{key}: {path}")
+    print(recipes.summary_line(
+        name, result["head_errors"], result["wall_seconds"], result["train_images_per_second"],
+        pipeline["images_per_second"] if pipeline else None,
+    ))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,396 @@
+"""Callbacks that make long DKS runs survive faults.
+
+- `SafeBackupAndRestore`: `keras.callbacks.BackupAndRestore` whose
+  checkpoint is committed atomically, so a process killed while saving
+  resumes from the last complete checkpoint instead of a half-written one.
+- `StopOnNonFiniteLoss`: stops training at the first non-finite loss term
+  and says which term, at which epoch and step (`TerminateOnNaN` only looks
+  at the total `loss` and says nothing about where it came from).
+
+Resuming after a crash:
+
+```python
+model = keras_dks.DKSModel(backbone, num_classes=100)     # built
+model.compile(keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
+model.fit(train_ds, epochs=200, callbacks=[
+    keras_dks.callbacks.SafeBackupAndRestore("/ckpt/run1/backup"),
+    keras_dks.callbacks.StopOnNonFiniteLoss(),
+])
+```
+
+Start the same command again after the process died (SIGKILL, preemption,
+out of memory): training continues at the start of the epoch that was
+interrupted, with weights and optimizer state (momentum, iteration count,
+loss scale) as they were at the end of the previous epoch, and ends with the
+same number of optimizer steps as an uninterrupted run. The resumed run is
+step-for-step identical to an uninterrupted one only if every epoch sees the
+same batches in the same order whatever the process: no shuffling, or
+shuffling seeded per epoch (e.g. `keras.utils.set_random_seed` does not make
+`Dataset.shuffle(reshuffle_each_iteration=True)` repeat the interrupted
+epoch's order, since a fresh process starts the dataset over).
+"""
+
+import glob
+import json
+import math
+import os
+import re
+
+import keras
+from absl import logging
+
+
+# --------------------------------------------------------------------------
+# Atomic files
+# --------------------------------------------------------------------------
+def _fsync_file(path):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path, data):
+    """Write JSON so readers see the old or the new file, never a mix.
+
+    Writes a temporary file in the same directory, flushes it to disk, then
+    `os.replace`s it over `path` (atomic on POSIX and Windows local file
+    systems) and syncs the directory.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
+def _non_finite_losses(logs):
+    """{key: value} of the non-finite `loss` / `*_loss` entries of logs."""
+    bad = {}
+    for key, value in (logs or {}).items():
+        if key == "loss" or key.endswith("_loss"):
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(value):
+                bad[key] = value
+    return bad
+
+
+# --------------------------------------------------------------------------
+# SafeBackupAndRestore
+# --------------------------------------------------------------------------
+_CKPT = re.compile(r"^ckpt-(\d+)\.weights\.h5$")
+
+
+class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` that never restores a half-written checkpoint.
+
+    Keras' `BackupAndRestore` (3.15) overwrites `latest.weights.h5` in place
+    and then rewrites `training_metadata.json`: a process killed during the
+    first write leaves a truncated weights file that the next run fails to
+    load (or, with `double_checkpoint=True`, silently replaces by the older
+    copy while the metadata may already name the newer epoch), and a kill
+    between the two writes pairs new weights with the old epoch number, so
+    the resumed run repeats an epoch.
+
+    This subclass keeps everything else of Keras' callback (when to save,
+    `save_freq`, `delete_checkpoint`, resuming at the start of the
+    interrupted epoch via `model._initial_epoch`) and changes how a
+    checkpoint is written:
+
+    1. the weights (with the optimizer state) go to a new file
+       `ckpt-<n>.weights.h5`, which is flushed to disk;
+    2. `training_metadata.json`, naming that file and the epoch, is written
+       to a temporary file and atomically `os.replace`d: this is the commit;
+    3. only then are older checkpoint files deleted.
+
+    Whenever the process dies, `training_metadata.json` names a checkpoint
+    that was completely written, and its epoch matches its weights.
+    Leftovers of an interrupted save (a partial `ckpt-*.weights.h5`, a
+    `*.tmp-*` file) are never read and are deleted by the next save. With
+    `double_checkpoint=True` the previous checkpoint is kept too and used if
+    the latest one cannot be read (e.g. a disk error after the commit).
+
+    It also refuses to back up a state whose loss is non-finite (NaN or inf
+    in the logs): the previous good checkpoint is kept, and not deleted at
+    the end of training, so the run can be resumed from before the
+    divergence (e.g. with a lower learning rate, see `StopOnNonFiniteLoss`).
+
+    Atomicity relies on `os.replace`, so `backup_dir` must be a local (or
+    POSIX-like network) file system; remote URLs (`gs://...`) are rejected.
+    Under multi-worker training give each worker its own `backup_dir`.
+
+    Args:
+        backup_dir: directory for the checkpoint, used by this callback only.
+        save_freq: `"epoch"` or an integer number of batches, as in Keras.
+            Resuming always restarts the interrupted epoch from its first
+            batch, so integer `save_freq` runs repeat batches (Keras
+            behaviour); use `"epoch"` for exact resumption.
+        double_checkpoint: keep the previous checkpoint as a fallback.
+        delete_checkpoint: delete `backup_dir` when training ends normally.
+    """
+
+    def __init__(
+        self,
+        backup_dir,
+        save_freq="epoch",
+        double_checkpoint=False,
+        delete_checkpoint=True,
+    ):
+        if backup_dir and "://" in str(backup_dir):
+            raise ValueError(
+                f"SafeBackupAndRestore needs a local backup_dir (atomic "
+                f"os.replace); got {backup_dir!r}. Use a local directory, or "
+                "keras.callbacks.BackupAndRestore for remote storage."
+            )
+        super().__init__(
+            backup_dir,
+            save_freq=save_freq,
+            double_checkpoint=double_checkpoint,
+            delete_checkpoint=delete_checkpoint,
+        )
+        self.backup_dir = os.fspath(backup_dir)
+        self._skipped_non_finite = False
+
+    # --- reading ----------------------------------------------------------
+    def _read_metadata(self):
+        if not os.path.exists(self._training_metadata_path):
+            return None
+        with open(self._training_metadata_path) as f:
+            text = f.read()
+        try:
+            return json.loads(text)
+        except ValueError:
+            # Cannot come from an interrupted save (the file is replaced
+            # atomically); the file was damaged some other way.
+            raise ValueError(
+                f"{self._training_metadata_path} is not valid JSON "
+                f"({text[:80]!r}). It was not written by an interrupted "
+                "SafeBackupAndRestore save; delete backup_dir to start over."
+            ) from None
+
+    def on_train_begin(self, logs=None):
+        self._skipped_non_finite = False
+        self._load_model()
+
+    def _load_model(self):
+        if not self.model.built:
+            raise ValueError(
+                "To use SafeBackupAndRestore the model must be built before "
+                "fit() (DKSModel always is; call other models on a batch)."
+            )
+        metadata = self._read_metadata()
+        if metadata is None or "weights" not in metadata:
+            # Nothing saved yet, or a directory written by Keras'
+            # BackupAndRestore: let Keras read it.
+            return super()._load_model()
+        candidates = [metadata]
+        if metadata.get("previous"):
+            candidates.append(metadata["previous"])
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        errors = []
+        for record in candidates:
+            path = os.path.join(self.backup_dir, record["weights"])
+            try:
+                self.model.load_weights(path)
+            except Exception as e:  # h5py raises OSError, Keras ValueError
+                errors.append(f"{path}: {type(e).__name__}: {e}")
+                continue
+            self.model._initial_epoch = record["epoch"]
+            if record is not metadata:
+                logging.warning(
+                    "SafeBackupAndRestore: could not load %s; resumed from the "
+                    "previous checkpoint (epoch %d).",
+                    metadata["weights"],
+                    record["epoch"],
+                )
+            return
+        raise OSError(
+            "SafeBackupAndRestore could not load the committed checkpoint "
+            f"in {self.backup_dir}: " + "; ".join(errors)
+        )
+
+    # --- writing ----------------------------------------------------------
+    def on_epoch_end(self, epoch, logs=None):
+        if self._refuse(logs, f"epoch {epoch + 1}"):
+            return
+        super().on_epoch_end(epoch, logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.save_freq != "epoch" and _non_finite_losses(logs):
+            self._refuse(logs, f"batch {batch + 1}")
+            return
+        super().on_train_batch_end(batch, logs)
+
+    def _refuse(self, logs, where):
+        bad = _non_finite_losses(logs)
+        if not bad:
+            return False
+        if not self._skipped_non_finite:
+            logging.warning(
+                "SafeBackupAndRestore: not backing up at %s, the loss is "
+                "non-finite (%s); the last good checkpoint in %s is kept.",
+                where,
+                ", ".join(f"{k}={v}" for k, v in bad.items()),
+                self.backup_dir,
+            )
+        self._skipped_non_finite = True
+        return True
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        try:
+            previous = self._read_metadata()
+        except ValueError:
+            previous = None
+        if previous is not None and "weights" not in previous:
+            previous = None  # Keras-format metadata: nothing to chain to
+        seq = previous["seq"] + 1 if previous else 0
+        name = f"ckpt-{seq:06d}.weights.h5"
+        path = os.path.join(self.backup_dir, name)
+        # 1. Weights and optimizer state to a file nobody reads yet.
+        self.model.save_weights(filepath=path, overwrite=True)
+        _fsync_file(path)
+        # 2. Commit: atomically point the metadata at it.
+        record = {
+            "epoch": self._current_epoch,
+            "batch": self._last_batch_seen,
+            "weights": name,
+            "seq": seq,
+            "previous": None,
+        }
+        if self.double_checkpoint and previous is not None:
+            record["previous"] = {
+                k: previous[k] for k in ("epoch", "batch", "weights", "seq")
+            }
+        atomic_write_json(self._training_metadata_path, record)
+        # 3. Clean up what is no longer referenced.
+        keep = {name}
+        if record["previous"]:
+            keep.add(record["previous"]["weights"])
+        self._remove_stale(keep)
+
+    def _remove_stale(self, keep):
+        for path in glob.glob(os.path.join(self.backup_dir, "*")):
+            base = os.path.basename(path)
+            stale_ckpt = _CKPT.match(base) and base not in keep
+            stale_tmp = ".tmp-" in base
+            if stale_ckpt or stale_tmp:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+
+    def on_train_end(self, logs=None):
+        if self._skipped_non_finite:
+            logging.warning(
+                "SafeBackupAndRestore: training ended on a non-finite loss; "
+                "keeping the last good checkpoint in %s.",
+                self.backup_dir,
+            )
+            return
+        super().on_train_end(logs)
+
+
+# --------------------------------------------------------------------------
+# StopOnNonFiniteLoss
+# --------------------------------------------------------------------------
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop training at the first batch whose loss terms are not finite.
+
+    After every training batch it checks `loss` and every `*_loss` entry of
+    the logs (for `DKSModel`: `ce_loss` of the main head, `<head>_ce_loss`
+    of each auxiliary head and `synergy_loss`). The batch logs are running
+    means over the epoch, so a NaN or inf stays visible from the batch where
+    it appeared until the epoch ends: the first batch that shows it is the
+    culprit. On that batch the callback
+
+    - sets `model.stop_training = True` (`fit` returns after the batch;
+      `keras_dks.callbacks.SafeBackupAndRestore` does not back up the
+      broken state),
+    - logs an error and keeps it in `.message`, e.g.
+      `"Non-finite loss at epoch 2, batch 7 (optimizer step 32):
+      aux_conv3_block4_out_ce_loss=nan, synergy_loss=nan (loss=nan). ..."`,
+      with the non-finite terms in `.terms`, the 0-based `.epoch` and
+      `.batch` and the optimizer step count in `.step`,
+    - with `raise_error=True`, raises `FloatingPointError(message)` instead
+      of returning normally from `fit` (useful in scripts that must exit
+      non-zero; `History` is then not returned).
+
+    Epochs and batches in the message are 1-based, as in the progress bar.
+    When only `loss` is non-finite, the regularisation (weight decay or
+    layer losses) overflowed. With `jit_compile=True` a label outside
+    `[0, num_classes)` also shows up here as a NaN, because XLA skips
+    `DKSModel`'s label-range check.
+
+    Args:
+        raise_error: raise `FloatingPointError` after stopping.
+    """
+
+    def __init__(self, raise_error=False):
+        super().__init__()
+        self.raise_error = raise_error
+        self.message = None
+        self.terms = None
+        self.epoch = None
+        self.batch = None
+        self.step = None
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.message = self.terms = self.epoch = self.batch = self.step = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = _non_finite_losses(logs)
+        if not bad or self.message is not None:
+            return
+        total = bad.pop("loss", (logs or {}).get("loss"))
+        self.terms = dict(bad)
+        if total is not None:
+            self.terms["loss"] = float(total)
+        self.epoch, self.batch = self._epoch, batch
+        optimizer = getattr(self.model, "optimizer", None)
+        self.step = (
+            int(keras.ops.convert_to_numpy(optimizer.iterations))
+            if optimizer is not None
+            else None
+        )
+        if bad:
+            culprits = ", ".join(f"{k}={v}" for k, v in bad.items())
+        else:
+            culprits = "regularization (weight decay / layer losses) only"
+        where = f"epoch {self._epoch + 1}, batch {batch + 1}"
+        if self.step is not None:
+            where += f" (optimizer step {self.step})"
+        self.message = (
+            f"Non-finite loss at {where}: {culprits} (loss={total}). "
+            "Training stopped. Lower the learning rate (or add warm-up / "
+            "gradient clipping), lower synergy_weight or aux_weight, check "
+            "the inputs for NaN/inf and, under mixed_float16, keep the "
+            "default loss scaling (compile(auto_scale_loss=True)). With "
+            "jit_compile=True, labels outside [0, num_classes) also give NaN."
+        )
+        logging.error(self.message)
+        self.model.stop_training = True
+        if self.raise_error:
+            raise FloatingPointError(self.message)

@@ -1,0 +1,280 @@
+"""Input pipelines: IDX parsing, CIFAR and ImageNet transforms, TFDS loading."""
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_dks.data import cifar, fashion_mnist, imagenet, pipelines
+
+
+# ---------------------------------------------------------------------------
+# IDX / Fashion-MNIST
+# ---------------------------------------------------------------------------
+def write_idx(path, array, type_code=0x08, compress=True):
+    """Independent IDX writer: magic (0, 0, type, ndim), big-endian sizes, data."""
+    dtype = {0x08: ">u1", 0x0C: ">i4", 0x0D: ">f4"}[type_code]
+    raw = struct.pack(">BBBB", 0, 0, type_code, array.ndim)
+    raw += struct.pack(f">{array.ndim}I", *array.shape)
+    raw += np.asarray(array, dtype=dtype).tobytes()
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(raw)
+
+
+def write_fashion_dir(folder, n_train=12, n_test=6, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        image_file, label_file = fashion_mnist.FILES[split]
+        write_idx(os.path.join(folder, image_file + ".gz"), images)
+        write_idx(os.path.join(folder, label_file + ".gz"), labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def test_read_idx_matches_written_arrays(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 5, 4), dtype=np.uint8)
+    write_idx(tmp_path / "img.gz", images)
+    write_idx(tmp_path / "img", images, compress=False)
+    ints = rng.integers(-(2**31), 2**31 - 1, (7,), dtype=np.int64)
+    write_idx(tmp_path / "ints", ints, type_code=0x0C, compress=False)
+    floats = rng.normal(size=(2, 3)).astype(np.float32)
+    write_idx(tmp_path / "floats.gz", floats, type_code=0x0D)
+
+    for name in ("img.gz", "img"):
+        out = fashion_mnist.read_idx(tmp_path / name)
+        assert out.dtype == np.uint8 and out.shape == (3, 5, 4)
+        np.testing.assert_array_equal(out, images)
+    np.testing.assert_array_equal(fashion_mnist.read_idx(tmp_path / "ints"), ints)
+    np.testing.assert_array_equal(fashion_mnist.read_idx(tmp_path / "floats.gz"), floats)
+    assert fashion_mnist.read_idx(tmp_path / "floats.gz").dtype.isnative
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    (tmp_path / "junk").write_bytes(b"\x89PNG\r\n\x1a\n....")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        fashion_mnist.read_idx(tmp_path / "junk")
+    write_idx(tmp_path / "short", np.zeros((4, 2), np.uint8), compress=False)
+    data = (tmp_path / "short").read_bytes()
+    (tmp_path / "short").write_bytes(data[:-1])
+    with pytest.raises(ValueError, match="header says shape"):
+        fashion_mnist.read_idx(tmp_path / "short")
+
+
+def test_load_data_from_synthetic_dir(tmp_path):
+    arrays = write_fashion_dir(tmp_path)
+    (x, y), (xt, yt) = fashion_mnist.load_data(str(tmp_path))
+    np.testing.assert_array_equal(x, arrays["train"][0])
+    np.testing.assert_array_equal(y, arrays["train"][1])
+    np.testing.assert_array_equal(xt, arrays["test"][0])
+    np.testing.assert_array_equal(yt, arrays["test"][1])
+    os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        fashion_mnist.load_data(str(tmp_path))
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(fashion_mnist.DEBIAN_DIR), reason="dataset-fashion-mnist not installed"
+)
+def test_load_data_debian_package():
+    (x, y), (xt, yt) = fashion_mnist.load_data()
+    assert x.shape == (60000, 28, 28) and x.dtype == np.uint8
+    assert xt.shape == (10000, 28, 28) and yt.shape == (10000,)
+    # Fashion-MNIST is balanced: 6000 / 1000 images per class.
+    np.testing.assert_array_equal(np.bincount(y), [6000] * 10)
+    np.testing.assert_array_equal(np.bincount(yt), [1000] * 10)
+    # The training-set statistics the pipeline normalises with.
+    assert abs(x.mean() / 255 - fashion_mnist.MEAN) < 1e-3
+    assert abs(x.std() / 255 - fashion_mnist.STD) < 1e-3
+
+
+def test_fashion_pipeline_shapes_and_normalisation():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 10)
+    test = fashion_mnist.make_dataset(x, y, training=False, batch_size=4)
+    images = np.concatenate([b.numpy() for b, _ in test])
+    expected = (x[..., None] / 255.0 - fashion_mnist.MEAN) / fashion_mnist.STD
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+    train = fashion_mnist.make_dataset(x, y, training=True, batch_size=4, seed=1)
+    xb, yb = next(iter(train))
+    assert xb.shape == (4, 28, 28, 1) and xb.dtype == tf.float32 and yb.dtype == tf.int64
+    sub_x, sub_y = fashion_mnist.subset(x, y, 3)
+    assert len(sub_x) == 3 and fashion_mnist.subset(x, y, 0)[0] is x
+
+
+# ---------------------------------------------------------------------------
+# CIFAR pipeline
+# ---------------------------------------------------------------------------
+def cifar_like(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 100, n).astype(np.int64)
+    return x, y
+
+
+def np_normalise(x):
+    return (x / 255.0 - np.array(cifar.MEAN)) / np.array(cifar.STD)
+
+
+def test_cifar_test_split_normalised_and_deterministic():
+    x, y = cifar_like()
+    raw = tf.data.Dataset.from_tensor_slices((x, y))
+    test = cifar.make_dataset(raw, training=False, batch_size=5)
+    first = [(a.numpy(), b.numpy()) for a, b in test]
+    second = [(a.numpy(), b.numpy()) for a, b in test]
+    images = np.concatenate([a for a, _ in first])
+    assert images.dtype == np.float32 and images.shape == (16, 32, 32, 3)
+    np.testing.assert_allclose(images, np_normalise(x), atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([b for _, b in first]), y)  # stored order
+    for (a1, b1), (a2, b2) in zip(first, second):
+        np.testing.assert_array_equal(a1, a2)
+        np.testing.assert_array_equal(b1, b2)
+    # The paper's statistics.
+    np.testing.assert_allclose(np.array(cifar.MEAN) * 255, [125.3, 123.0, 113.9])
+    np.testing.assert_allclose(np.array(cifar.STD) * 255, [63.0, 62.1, 66.7])
+
+
+def test_cifar_training_crops_are_windows_of_the_reflect_padded_image():
+    x, y = cifar_like(n=24, seed=3)
+    tf.random.set_seed(0)
+    raw = tf.data.Dataset.from_tensor_slices((x, np.arange(24)))  # label = index
+    train = cifar.make_dataset(raw, training=True, batch_size=8, seed=0)
+    offsets, flips = set(), []
+    for images, idx in train:
+        assert images.shape[1:] == (32, 32, 3) and images.dtype == tf.float32
+        for image, i in zip(images.numpy(), idx.numpy()):
+            padded = np_normalise(np.pad(x[i], ((4, 4), (4, 4), (0, 0)), mode="reflect"))
+            match = [
+                (dy, dx, flip)
+                for dy in range(9)
+                for dx in range(9)
+                for flip in (False, True)
+                if np.allclose(
+                    image,
+                    padded[dy : dy + 32, dx : dx + 32][:, ::-1] if flip else padded[dy : dy + 32, dx : dx + 32],
+                    atol=1e-5,
+                )
+            ]
+            assert len(match) == 1, "not a flipped/unflipped window of the padded image"
+            offsets.add(match[0][:2])
+            flips.append(match[0][2])
+    assert 0 < sum(flips) < len(flips), "the flip never / always happened"
+    assert len(offsets) > 5, "crops do not move"
+
+
+def test_cifar_augment_flip_only():
+    image = tf.constant(cifar_like(1)[0][0])
+    outs = [cifar.augment(image, padding=0).numpy() for _ in range(20)]
+    flipped = [np.array_equal(o, image.numpy()[:, ::-1]) for o in outs]
+    same = [np.array_equal(o, image.numpy()) for o in outs]
+    assert all(f or s for f, s in zip(flipped, same))
+    assert any(flipped) and any(same)
+
+
+def test_cifar_resize_for_other_image_sizes():
+    raw = tf.data.Dataset.from_tensor_slices(
+        (np.zeros((4, 40, 40, 1), np.uint8), np.zeros(4, np.int64))
+    )
+    ds = cifar.make_dataset(raw, training=True, batch_size=4, image_size=32, mean=0.5, std=0.25)
+    assert next(iter(ds))[0].shape == (4, 32, 32, 1)
+
+
+# ---------------------------------------------------------------------------
+# ImageNet pipeline
+# ---------------------------------------------------------------------------
+def varying_images(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    return tf.data.Dataset.from_generator(
+        lambda: ((im, np.int64(k)) for k, im in enumerate(images)),
+        output_signature=(
+            tf.TensorSpec((None, None, 3), tf.uint8),
+            tf.TensorSpec((), tf.int64),
+        ),
+    ), images
+
+
+def test_imagenet_training_batches():
+    raw, _ = varying_images([(50, 40), (33, 61), (24, 24), (80, 30)])
+    ds = imagenet.make_dataset(raw, training=True, batch_size=4, image_size=32, crop="inception")
+    xb, yb = next(iter(ds))
+    assert xb.shape == (4, 32, 32, 3) and xb.dtype == tf.float32
+    assert sorted(yb.numpy()) == [0, 1, 2, 3]
+    # Normalised with the ImageNet statistics: values within [-mean/std, (1-mean)/std].
+    lo = -np.array(imagenet.MEAN) / np.array(imagenet.STD)
+    hi = (1 - np.array(imagenet.MEAN)) / np.array(imagenet.STD)
+    assert np.all(xb.numpy() >= lo - 1e-4) and np.all(xb.numpy() <= hi + 1e-4)
+
+
+def test_imagenet_center_crop_against_numpy():
+    # image_size 28 -> shorter side resized to round(28 * 256 / 224) = 32;
+    # a 32x40 image needs no resize, so the result is its central window.
+    raw, images = varying_images([(32, 40), (40, 32)])
+    ds = imagenet.make_dataset(raw, training=False, batch_size=2, image_size=28)
+    xb = next(iter(ds))[0].numpy()
+    mean, std = np.array(imagenet.MEAN), np.array(imagenet.STD)
+    np.testing.assert_allclose(xb[0], (images[0][2:30, 6:34] / 255 - mean) / std, atol=1e-4)
+    np.testing.assert_allclose(xb[1], (images[1][6:34, 2:30] / 255 - mean) / std, atol=1e-4)
+    # Larger images: resized so the shorter side is 256, then 224 crop.
+    big = imagenet.center_crop(tf.zeros((300, 500, 3), tf.uint8), 224)
+    assert big.shape == (224, 224, 3)
+
+
+def test_inception_crop_decodes_jpeg_window():
+    image = tf.constant(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    jpeg = tf.io.encode_jpeg(image, quality=95)
+    decoded = tf.io.decode_jpeg(jpeg)
+    # Area 100 % of a square image with aspect 1: the box is the whole image,
+    # so decoding only the window must equal decoding everything.
+    kw = dict(area_range=(1.0, 1.0), aspect_ratio_range=(1.0, 1.0))
+    from_string = imagenet.inception_crop(jpeg, 32, **kw)
+    from_pixels = imagenet.inception_crop(decoded, 32, **kw)
+    np.testing.assert_allclose(from_string.numpy(), from_pixels.numpy(), atol=1e-3)
+    crops = [imagenet.inception_crop(jpeg, 16).numpy() for _ in range(3)]
+    assert all(c.shape == (16, 16, 3) for c in crops)
+    assert imagenet.center_crop(jpeg, 16).shape == (16, 16, 3)
+
+
+def test_imagenet_keras_cv_crop():
+    pytest.importorskip("keras_cv")
+    raw, _ = varying_images([(50, 40), (33, 61)])
+    ds = imagenet.make_dataset(raw, training=True, batch_size=2, image_size=24, crop="keras_cv")
+    assert next(iter(ds))[0].shape == (2, 24, 24, 3)
+
+
+# ---------------------------------------------------------------------------
+# TFDS and throughput
+# ---------------------------------------------------------------------------
+def test_load_tfds_mocked_cifar100(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=10):
+        raw, info = pipelines.load_tfds("cifar100", "train", data_dir=str(tmp_path), shuffle_files=True)
+        assert pipelines.image_spec(info) == ((32, 32, 3), 100)
+        assert pipelines.num_examples(info, "train", raw) == 10
+        ds = cifar.make_dataset(raw, training=True, batch_size=4)
+        xb, yb = next(iter(ds))
+        assert xb.shape == (4, 32, 32, 3) and xb.dtype == tf.float32
+        # imagenet2012 keeps JPEG strings when asked to (decode in the crop).
+        raw, info = pipelines.load_tfds("imagenet2012", "validation", data_dir=str(tmp_path), decode_images=False)
+        image, _ = next(iter(raw))
+        assert image.dtype == tf.string
+        assert pipelines.image_spec(info)[1] == 1000
+
+
+def test_measure_throughput():
+    x, y = cifar_like(n=40)
+    ds = cifar.make_dataset(tf.data.Dataset.from_tensor_slices((x, y)), training=True, batch_size=8)
+    speed = pipelines.measure_throughput(ds, steps=100, warmup=1)
+    assert speed["steps"] == 4  # 5 batches, one of them warm-up: a finite dataset ends early
+    assert speed["images_per_second"] > 0 and speed["steps_per_second"] > 0
+    assert pipelines.steps_per_epoch(50000, 128) == 391
+    assert pipelines.steps_per_epoch(50000, 128, drop_remainder=True) == 390
