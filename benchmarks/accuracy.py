@@ -33,11 +33,12 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_dks  # noqa: E402
+from keras_dks import recipes  # noqa: E402
 from keras_dks.data import fashion_mnist  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("methods", ["baseline", "ds", "dks"], "Methods to compare.")
+flags.DEFINE_list("methods", ["baseline", "ds", "dks"], "Methods to compare (baseline, ds, dks, dhm).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one run per method and seed).")
 flags.DEFINE_integer("depth", 16, "WRN depth (6n+4).")
 flags.DEFINE_integer("width", 1, "WRN width multiplier.")
@@ -46,6 +47,7 @@ flags.DEFINE_integer("train_examples", 5000, "Fixed training subset size.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 on all trainable variables.")
+flags.DEFINE_integer("eval_every", 1, "Evaluate on the test set every N epochs (and at the end).")
 flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX folder (default: Debian's).")
 flags.DEFINE_string("out_dir", "benchmarks/results/accuracy", "Where results go.")
 flags.DEFINE_bool("summary_only", False, "Only rebuild the summary from finished runs.")
@@ -82,20 +84,6 @@ class TrainErrorOfFixedModel(keras.callbacks.Callback):
                 logs["clean_train_" + key] = value
 
 
-def read_epoch_log(path):
-    """Per-epoch logs of all sessions of a run (the History of a resumed fit
-    only holds the epochs after the resume)."""
-    import csv
-
-    rows = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            if row.get("epoch", "epoch") != "epoch":  # skip repeated headers
-                rows[int(row["epoch"])] = row
-    keys = [k for k in rows[min(rows)] if k != "epoch"]
-    return {k: [float(rows[e][k]) for e in sorted(rows)] for k in keys}
-
-
 def run(method, seed):
     path = os.path.join(FLAGS.out_dir, "runs", f"{method}_seed{seed}.json")
     if os.path.exists(path):
@@ -107,48 +95,30 @@ def run(method, seed):
     backbone = keras_dks.backbones.wide_resnet(
         FLAGS.depth, FLAGS.width, 10, input_shape=(28, 28, 1)
     )
-    kwargs = keras_dks.methods.dks_kwargs(method)
-    model = keras_dks.DKSModel(
-        backbone, weight_decay=FLAGS.weight_decay, seed=seed, **kwargs
+    model = recipes.build_model(method, backbone, weight_decay=FLAGS.weight_decay, seed=seed)
+    schedule = recipes.step_schedule(
+        FLAGS.lr, steps, [f * FLAGS.epochs for f in (0.3, 0.6, 0.8)], 0.2
     )
-    boundaries = [int(f * FLAGS.epochs) * steps for f in (0.3, 0.6, 0.8)]
-    values = [FLAGS.lr * 0.2**k for k in range(4)]
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
-    model.compile(
-        optimizer=keras.optimizers.SGD(schedule, momentum=0.9), metrics=["accuracy"]
+    model.compile(optimizer=recipes.sgd(schedule, 0.9), metrics=["accuracy"])
+    # Resumable: an interrupted run restarts from its last finished epoch.
+    result = recipes.train(
+        model, train_ds, test_ds, epochs=FLAGS.epochs,
+        model_dir=os.path.join(FLAGS.out_dir, "work", f"{method}_seed{seed}"),
+        batch_size=FLAGS.batch_size, validation_freq=FLAGS.eval_every,
+        callbacks=[TrainErrorOfFixedModel(clean_train_ds)],
+        save_model=False, plot=False, tensorboard=False,
     )
-    run_dir = os.path.join(FLAGS.out_dir, "work", f"{method}_seed{seed}")
-    os.makedirs(run_dir, exist_ok=True)
-    clean_train = TrainErrorOfFixedModel(clean_train_ds)
-    start = time.time()
-    model.fit(
-        train_ds,
-        validation_data=test_ds,
-        epochs=FLAGS.epochs,
-        verbose=2,
-        callbacks=[
-            clean_train,
-            # CSV row before the backup: a crash in between repeats an epoch
-            # (deduplicated below) instead of losing its row.
-            keras.callbacks.CSVLogger(os.path.join(run_dir, "log.csv"), append=True),
-            keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup")),
-        ],
-    )
-    wall = time.time() - start
-    final = model.evaluate(test_ds, verbose=0, return_dict=True)
-    result = {
+    common.write_json(path, {
         "method": method,
         "seed": seed,
         "heads": model.head_names,
-        "test_error": {
-            h: 1.0 - final["accuracy" if h == "main" else f"{h}_accuracy"] for h in model.head_names
-        },
-        "history": read_epoch_log(os.path.join(run_dir, "log.csv")),
-        "wall_seconds_last_session": wall,
+        "test_error": result["head_errors"],
+        "history": result["history"],
+        "wall_seconds_last_session": result["wall_seconds"],
+        "train_images_per_second": result["train_images_per_second"],
         "params_training": int(model.count_params()),
         "params_inference": int(model.inference_model().count_params()),
-    }
-    common.write_json(path, result)
+    })
 
 
 def summarise():
@@ -172,7 +142,7 @@ def summarise():
             "test_error_std": {h: float(np.std([r["test_error"][h] for r in rs], ddof=1)) if len(rs) > 1 else None for h in heads},
         }
     env = common.environment()
-    config = {k: FLAGS[k].value for k in ("depth", "width", "epochs", "train_examples", "batch_size", "lr", "weight_decay")}
+    config = {k: FLAGS[k].value for k in ("depth", "width", "epochs", "train_examples", "batch_size", "lr", "weight_decay", "eval_every")}
     common.write_json(
         os.path.join(FLAGS.out_dir, "summary.json"),
         {"command": common.command_line(), "config": config, "environment": env, "summary": summary},
@@ -217,7 +187,9 @@ def plot(by_method, summary, order):
             key = "accuracy" if h == "main" else f"{h}_accuracy"
             train = np.mean([1 - np.array(r["history"]["clean_train_" + key]) for r in rs], 0)
             test = np.mean([1 - np.array(r["history"]["val_" + key]) for r in rs], 0)
-            line = ax.plot(100 * test, label=f"{h} test")[0]
+            evaluated = ~np.isnan(test)  # test error every --eval_every epochs
+            line = ax.plot(np.flatnonzero(evaluated), 100 * test[evaluated], "o-", ms=3,
+                           label=f"{h} test")[0]
             ax.plot(100 * train, "--", color=line.get_color(), label=f"{h} train")
         ax.set_title(method)
         ax.set_xlabel("epoch")

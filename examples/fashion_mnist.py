@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Folder with the four Fashion-MNIST IDX files (.gz or not); "
                     "default: Debian's dataset-fashion-mnist folder, else keras.datasets.")
-flags.DEFINE_list("methods", ["baseline", "dks"], "Methods to train, in order (baseline, ds, dks, dhm).")
+flags.DEFINE_list("methods", ["baseline", "dks"], "Methods to train, in order (baseline, ds, dks, dhm, srdl).")
 flags.DEFINE_integer("depth", 16, "WRN depth, 6n + 4.")
 flags.DEFINE_integer("width", 1, "WRN widening factor.")
 flags.DEFINE_integer("epochs", 3, "Epochs per method.")
@@ -82,23 +82,44 @@ def main(argv):
         test_ds = test_ds.take(FLAGS.eval_steps)
 
     results, models = {}, {}
+    def backbone_fn():
+        return backbones.wide_resnet(FLAGS.depth, FLAGS.width, 10, input_shape=(28, 28, 1))
+
+    def optimizer(stage=1.0):
+        # SRDL runs the whole schedule in each half of the epochs (stage=0.5).
+        boundaries = [float(b) * FLAGS.epochs * stage for b in FLAGS.lr_boundaries]
+        schedule = recipes.step_schedule(FLAGS.lr, steps, boundaries, FLAGS.lr_decay)
+        return recipes.sgd(schedule, FLAGS.momentum)
+
     for method in FLAGS.methods:
         keras.utils.set_random_seed(FLAGS.seed)
+        srdl = method == "srdl"
         train_ds = fashion_mnist.make_dataset(
             x_train, y_train, training=True, batch_size=FLAGS.batch_size, seed=FLAGS.seed,
-            repeat=bool(FLAGS.steps_per_epoch),
+            repeat=bool(FLAGS.steps_per_epoch), with_index=srdl,
         )
-        backbone = backbones.wide_resnet(FLAGS.depth, FLAGS.width, 10, input_shape=(28, 28, 1))
-        model = recipes.build_model(method, backbone, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed)
-        boundaries = [float(b) * FLAGS.epochs for b in FLAGS.lr_boundaries]
-        schedule = recipes.step_schedule(FLAGS.lr, steps, boundaries, FLAGS.lr_decay)
-        model.compile(optimizer=recipes.sgd(schedule, FLAGS.momentum), metrics=["accuracy"])
+        title = f"Fashion-MNIST WRN-{FLAGS.depth}-{FLAGS.width} {method}"
+        run = dict(model_dir=os.path.join(FLAGS.model_dir, method), batch_size=FLAGS.batch_size,
+                   verbose=FLAGS.verbose, title=title)
+        if srdl:
+            print(f"\n== srdl: two stages of {FLAGS.epochs // 2} epochs")
+            extraction_ds = fashion_mnist.make_dataset(
+                x_train, y_train, training=False, batch_size=500, with_index=True)
+            results[method] = recipes.train_srdl(
+                backbone_fn, train_ds, test_ds, extraction_ds, epochs=FLAGS.epochs,
+                steps_per_epoch=FLAGS.steps_per_epoch or None,
+                optimizer_fn=lambda _: optimizer(stage=0.5), weight_decay=FLAGS.weight_decay,
+                **run,
+            )
+            models[method] = results[method].pop("model")
+            continue
+        model = recipes.build_model(method, backbone_fn(), weight_decay=FLAGS.weight_decay,
+                                    seed=FLAGS.seed)
+        model.compile(optimizer=optimizer(), metrics=["accuracy"])
         print(f"\n== {method}: heads {model.head_names}, {model.count_params():,} parameters")
         results[method] = recipes.train(
             model, train_ds, test_ds, epochs=FLAGS.epochs,
-            steps_per_epoch=FLAGS.steps_per_epoch or None,
-            model_dir=os.path.join(FLAGS.model_dir, method), batch_size=FLAGS.batch_size,
-            verbose=FLAGS.verbose, title=f"Fashion-MNIST WRN-{FLAGS.depth}-{FLAGS.width} {method}",
+            steps_per_epoch=FLAGS.steps_per_epoch or None, **run,
         )
         models[method] = model
 

@@ -130,6 +130,19 @@ def cross_entropy(targets, logits):
     )
 
 
+def coupled_weight_decay(variables, weight_decay):
+    """`weight_decay / 2 * sum ||w||^2` over `variables`, in float32.
+
+    Added to the loss, its gradient is `weight_decay * w`: PyTorch's
+    `SGD(weight_decay=...)` (coupled L2), which the DKS authors apply to
+    every trainable variable, BatchNorm and biases included.
+    """
+    if not weight_decay or not variables:
+        return ops.zeros((), "float32")
+    squares = [ops.sum(ops.square(ops.cast(v, "float32"))) for v in variables]
+    return (float(weight_decay) / 2.0) * ops.sum(ops.stack(squares))
+
+
 def _batch_mean(per_example, sample_weight):
     if sample_weight is not None:
         per_example = per_example * ops.cast(

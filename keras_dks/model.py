@@ -632,8 +632,8 @@ class DKSModel(keras.Model):
         if self.losses:
             regularization += tf.add_n([tf.cast(l, "float32") for l in self.losses])
         if self.weight_decay:
-            regularization += (self.weight_decay / 2.0) * tf.add_n(
-                [tf.reduce_sum(tf.square(tf.cast(v, "float32"))) for v in self.trainable_variables]
+            regularization += losses_lib.coupled_weight_decay(
+                self.trainable_variables, self.weight_decay
             )
         return {
             "loss": mean(supervised + synergy) + regularization,

@@ -37,8 +37,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-# Methods the examples' --method flag takes; SRDL is a two-stage procedure
-# (`keras_dks.methods.SRDL`), not a model configuration.
+from keras_dks import callbacks as callbacks_lib
+
+# Model configurations of the examples' --method flag; the examples' "srdl"
+# is a two-stage procedure (`train_srdl`), not a model configuration.
 METHODS = ("baseline", "ds", "dks", "dhm")
 PAIRS = ("bidirectional", "top_down", "bottom_up", "none")
 
@@ -300,14 +302,6 @@ class Throughput(keras.callbacks.Callback):
         return steps / seconds if seconds > 0 else float("nan")
 
 
-def _backup_callbacks(backup_dir):
-    try:
-        from keras_dks.callbacks import SafeBackupAndRestore, StopOnNonFiniteLoss
-    except ImportError:  # older keras_dks without its own callbacks
-        return keras.callbacks.BackupAndRestore(backup_dir), keras.callbacks.TerminateOnNaN()
-    return SafeBackupAndRestore(backup_dir), StopOnNonFiniteLoss(raise_error=True)
-
-
 def _has_tensorboard():
     # tf.summary needs the tensorboard package (tensorflow-cpu does not
     # require it); without it the TensorBoard callback would fail mid-epoch.
@@ -409,19 +403,21 @@ def train(
         resuming = os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))
         if not resuming and os.path.exists(log_path):
             os.remove(log_path)  # a fresh run: drop the log of a finished one
-        backup, stop = _backup_callbacks(backup_dir)
-        # The log row is written before the backup: a crash in between
+        backup = callbacks_lib.SafeBackupAndRestore(backup_dir)
+        stop = callbacks_lib.StopOnNonFiniteLoss(raise_error=True)
+        # User callbacks run first, so what they add to the logs is recorded;
+        # the log row is written before the backup: a crash in between
         # repeats the epoch (read_epoch_log keeps the last row), never loses it.
-        all_callbacks += [stop, EpochLog(log_path)]
+        all_callbacks += [stop] + list(callbacks) + [EpochLog(log_path)]
         if tensorboard and _has_tensorboard():
             paths["tensorboard"] = os.path.join(model_dir, "logs")
             all_callbacks.append(
                 keras.callbacks.TensorBoard(paths["tensorboard"], write_graph=False)
             )
-        all_callbacks += list(callbacks) + [backup]
+        all_callbacks.append(backup)
     else:
+        all_callbacks += [callbacks_lib.StopOnNonFiniteLoss(raise_error=True)]
         all_callbacks += list(callbacks)
-        all_callbacks.append(keras.callbacks.TerminateOnNaN())
 
     start = time.perf_counter()
     history = model.fit(
@@ -467,6 +463,145 @@ def train(
             paths["model"] = os.path.join(model_dir, "model.keras")
             model.save(paths["model"])
     return result
+
+
+def train_srdl(
+    model_fn,
+    train_data,
+    eval_data,
+    extraction_data,
+    *,
+    epochs,
+    steps_per_epoch,
+    optimizer_fn,
+    weight_decay=0.0,
+    model_dir=None,
+    batch_size=None,
+    strategy=None,
+    jit_compile=False,
+    validation_freq=1,
+    verbose=2,
+    save_model=True,
+    plot=True,
+    title=None,
+):
+    """SRDL (`keras_dks.methods.SRDL`) with the reporting of `train`.
+
+    Two stages of `epochs / 2`, each with the full schedule that
+    `optimizer_fn(stage_steps)` returns; stage 2 restarts from fresh weights
+    and learns from stage 1's stored soft labels. With a `model_dir` it is
+    resumable like `train` (`model_dir/backup/`: a finished stage 1 is not
+    run again, the interrupted stage resumes at its last epoch) and writes
+    `epochs.jsonl`, `history.json`, `curves.png` (both stages in a row, the
+    restart visible halfway) and `model.keras` (the stage-2 network).
+
+    Args:
+        model_fn: returns a new, uncompiled logits classifier.
+        train_data: batched `((images, index), labels)` dataset (e.g.
+            `make_dataset(..., with_index=True)`).
+        eval_data: batched `(images, labels)` test dataset.
+        extraction_data: one un-augmented pass over the training examples,
+            batched `((images, index), labels)`: the stored soft labels are
+            computed on it.
+        epochs: SRDL's total budget M (even).
+        steps_per_epoch: optimizer steps per epoch.
+        optimizer_fn: `optimizer_fn(stage_steps) -> optimizer`.
+        weight_decay: coupled L2 on all trainable variables.
+        model_dir, batch_size, validation_freq, verbose, save_model, plot,
+        title: as in `train`.
+        strategy: `tf.distribute` strategy (None: the current one).
+        jit_compile: compile the train step with XLA.
+
+    Returns:
+        The dict of `train` (head `"main"` only) and `"model"`, the trained
+        stage-2 network.
+
+    Example:
+    ```python
+    result = train_srdl(
+        lambda: keras_dks.backbones.wide_resnet(16, 1, 10, input_shape=(28, 28, 1)),
+        train_ds, test_ds, extraction_ds, epochs=30, steps_per_epoch=79,
+        optimizer_fn=lambda n: sgd(step_schedule(0.1, 79, (5, 10), 0.2)),
+        model_dir="runs/srdl", batch_size=128)
+    ```
+    """
+    from keras_dks import methods
+
+    meter = Throughput()
+    log_path = os.path.join(model_dir, "epochs.jsonl") if model_dir else None
+    backup_dir = os.path.join(model_dir, "backup") if model_dir else None
+    if model_dir:
+        os.makedirs(model_dir, exist_ok=True)
+        resuming = os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))
+        if not resuming and os.path.exists(log_path):
+            os.remove(log_path)
+    stage_epochs = epochs // 2
+
+    def stage_callbacks(stage):
+        found = [meter, callbacks_lib.StopOnNonFiniteLoss(raise_error=True)]
+        if log_path:
+            found.append(_StageEpochLog(log_path, offset=(stage - 1) * stage_epochs))
+        return found
+
+    srdl = methods.SRDL(
+        model_fn, epochs, optimizer_fn=optimizer_fn, metrics=["accuracy"],
+        weight_decay=weight_decay, strategy=strategy,
+        compile_kwargs={"jit_compile": jit_compile},
+    )
+    start = time.perf_counter()
+    histories = srdl.fit(
+        train_data, validation_data=eval_data, steps_per_epoch=steps_per_epoch,
+        extraction_data=extraction_data, callbacks=stage_callbacks,
+        checkpoint_dir=backup_dir, validation_freq=validation_freq, verbose=verbose,
+    )
+    wall = time.perf_counter() - start
+    if log_path and os.path.exists(log_path):
+        logs = read_epoch_log(log_path)
+    else:  # both stages in a row
+        logs = {}
+        for history in histories:
+            for k, v in (history.history if history else {}).items():
+                logs.setdefault(k, []).extend(v)
+    trainer = srdl.trainers[1]
+    final = trainer.evaluate(eval_data, verbose=0, return_dict=True)
+    final = {k: float(v) for k, v in final.items()}
+    steps_per_second = meter.steps_per_second()
+    result = {
+        "head_names": ["main"],
+        "history": logs,
+        "eval": final,
+        "head_errors": {"main": 1.0 - final["accuracy"]},
+        "wall_seconds": wall,
+        "train_steps_per_second": steps_per_second,
+        "train_images_per_second": steps_per_second * batch_size if batch_size else None,
+        "paths": {},
+    }
+    paths = result["paths"]
+    if model_dir:
+        paths["history"] = os.path.join(model_dir, "history.json")
+        write_json(paths["history"], {k: v for k, v in result.items() if k != "paths"})
+        if plot:
+            from keras_dks import plots
+
+            paths["curves"] = plots.plot_error_curves(
+                logs, os.path.join(model_dir, "curves.png"), title=title, heads=["main"]
+            )
+        if save_model:
+            paths["model"] = os.path.join(model_dir, "model.keras")
+            srdl.model.save(paths["model"])
+    result["model"] = srdl.model
+    return result
+
+
+class _StageEpochLog(EpochLog):
+    """`EpochLog` numbering the epochs of SRDL's second stage after the first."""
+
+    def __init__(self, path, offset):
+        super().__init__(path)
+        self.offset = offset
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + self.offset, logs)
 
 
 # ---------------------------------------------------------------------------

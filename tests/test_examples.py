@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 
@@ -75,6 +76,27 @@ def test_cifar100_wrn_dks_mocked(tmp_path):
     assert (export_dir / "1" / "saved_model.pb").exists()
 
 
+def test_cifar100_wrn_srdl_mocked(tmp_path):
+    model_dir, export_dir = tmp_path / "run", tmp_path / "export"
+    out = run_example(
+        "cifar100_wrn.py",
+        ["--method", "srdl", "--depth", "10", "--width", "1", "--epochs", "2",
+         "--batch_size", "8", "--benchmark_steps", "2",
+         "--data_dir", str(tmp_path / "tfds"), "--model_dir", str(model_dir),
+         "--export_dir", str(export_dir)],
+        mock_examples=16,
+    )
+    assert "RESULT cifar100 WRN-10-1 srdl | test error main " in result_line(out)
+    with open(model_dir / "history.json") as f:
+        history = json.load(f)["history"]
+    assert len(history["val_accuracy"]) == 2 and np.isfinite(history["distill_loss"][1])
+    # Finished: no checkpoint left behind; the final network is plain.
+    assert not (model_dir / "backup").exists()
+    model = keras.models.load_model(model_dir / "model.keras")
+    assert len(model.outputs) == 1 and model.output_shape == (None, 100)
+    assert (export_dir / "1" / "saved_model.pb").exists()
+
+
 def test_cifar100_wrn_baseline_mirrored_mocked(tmp_path):
     out = run_example(
         "cifar100_wrn.py",
@@ -129,7 +151,7 @@ def per_head_rows(stdout):
     rows = {}
     for line in stdout.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[0] in ("baseline", "ds", "dks", "dhm") and parts[2].endswith("%"):
+        if len(parts) >= 3 and parts[0] in ("baseline", "ds", "dks", "dhm", "srdl") and parts[2].endswith("%"):
             rows[(parts[0], parts[1])] = float(parts[2][:-1])
     return rows
 
@@ -168,9 +190,15 @@ def test_fashion_mnist_synthetic_idx(tmp_path):
             (data / stem).write_bytes(header + array.tobytes())
     out = run_example(
         "fashion_mnist.py",
-        ["--data_dir", str(data), "--methods", "dks", "--depth", "10", "--epochs", "1",
+        ["--data_dir", str(data), "--methods", "dks,srdl", "--depth", "10", "--epochs", "2",
          "--batch_size", "16", "--train_examples", "0", "--noexport",
          "--model_dir", str(tmp_path / "run")],
     )
     assert "40 training / 20 test images" in out
-    assert set(per_head_rows(out)) == {("dks", "main"), ("dks", "aux_group1"), ("dks", "aux_group0")}
+    assert set(per_head_rows(out)) == {("dks", "main"), ("dks", "aux_group1"), ("dks", "aux_group0"),
+                                       ("srdl", "main")}
+    with open(tmp_path / "run" / "srdl" / "history.json") as f:
+        history = json.load(f)["history"]
+    # Two stages of one epoch; only stage 2 distils.
+    assert len(history["accuracy"]) == 2 and np.isnan(history["distill_loss"][0])
+    assert np.isfinite(history["distill_loss"][1])

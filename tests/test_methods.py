@@ -483,6 +483,107 @@ def test_srdl_numpy_inputs_no_restart_and_saving(tmp_path):
         stage2.fit(x[:4], y[:4], epochs=1, verbose=0)
 
 
+def test_srdl_weight_decay_is_coupled_l2_in_both_stages():
+    """One plain-SGD step of each stage against NumPy: the update is
+    lr * (dCE/dw + wd * w) for every variable, biases included."""
+    x, y = data(8)
+    lr, wd = 0.1, 0.05
+    keras.utils.set_random_seed(3)
+    net = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(),
+                            keras.layers.Dense(5, bias_initializer="ones")])
+    w0, b0 = [v.copy() for v in net.get_weights()]
+    trainer = methods.SRDLModel(net, weight_decay=wd)
+    trainer.compile(keras.optimizers.SGD(lr),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    trainer.fit((x, np.arange(8)), y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    flat = x.reshape(8, -1)
+    p = np_softmax(flat @ w0 + b0)
+    dz = (p - np.eye(5)[y]) / 8
+    w1, b1 = net.get_weights()
+    np.testing.assert_allclose(w1, w0 - lr * (flat.T @ dz + wd * w0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b1, b0 - lr * (dz.sum(0) + wd * b0), rtol=1e-4, atol=1e-6)
+    # The stage-2 wrapper adds the same term to CE + T^2 KL.
+    stage2 = methods.SRDLModel(net, soft_targets=np.full((8, 5), 0.2), weight_decay=wd)
+    stage2.compile("sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain = methods.SRDLModel(net, soft_targets=np.full((8, 5), 0.2))
+    plain.compile("sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    inputs = (x, np.arange(8))
+    l2 = wd / 2 * sum((v ** 2).sum() for v in net.get_weights())
+    np.testing.assert_allclose(
+        float(stage2.compute_loss(x=inputs, y=y, y_pred=net(x), training=True)),
+        float(plain.compute_loss(x=inputs, y=y, y_pred=net(x), training=True)) + l2,
+        rtol=1e-5,
+    )
+    assert SRDL(small_net, epochs=2, weight_decay=wd).weight_decay == wd
+    with pytest.raises(ValueError, match="weight_decay"):
+        methods.SRDLModel(net, weight_decay=-1.0)
+
+
+class DieInStage2(keras.callbacks.Callback):
+    """Simulates a crash once the first epoch of stage 2 is backed up."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 1:
+            raise SystemExit("crash")
+
+
+def test_srdl_checkpoint_dir_resumes_without_rerunning_stage1(tmp_path):
+    x, y = data(24)
+
+    def run(checkpoint_dir, callbacks=None):
+        keras.utils.set_random_seed(5)
+        srdl = SRDL(small_net, epochs=4, metrics=["accuracy"],
+                    optimizer_fn=lambda steps: keras.optimizers.SGD(
+                        methods.step_decay(0.05, steps), momentum=0.9))
+        histories = srdl.fit(x, y, batch_size=8, verbose=0, shuffle=False,
+                             checkpoint_dir=checkpoint_dir, callbacks=callbacks)
+        return srdl, histories
+
+    reference, _ = run(None)
+    ckpt = tmp_path / "srdl"
+    with pytest.raises(SystemExit):
+        run(str(ckpt), callbacks=lambda stage: [DieInStage2()] if stage == 2 else [])
+    assert sorted(os.listdir(ckpt)) == ["soft_targets.npy", "stage1.weights.h5", "stage2"]
+    np.testing.assert_allclose(np.load(ckpt / "soft_targets.npy"), reference.soft_targets,
+                               rtol=1e-5, atol=1e-7)
+
+    epochs = {1: [], 2: []}
+
+    def record(stage):
+        cb = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: epochs[stage].append(epoch))
+        return [cb]
+
+    resumed, (h1, h2) = run(str(ckpt), callbacks=record)
+    assert h1 is None and epochs == {1: [], 2: [1]}  # stage 1 skipped, epoch 0 of stage 2 kept
+    assert int(resumed.trainers[1].optimizer.iterations.numpy()) == 2 * 3
+    for a, b in zip(reference.model.get_weights(), resumed.model.get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(reference.stage1_model.get_weights(), resumed.stage1_model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not ckpt.exists()  # completed: the next run starts afresh
+
+
+def test_dataset_with_index_names_each_example():
+    from keras_dks.data import fashion_mnist
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 20)
+    ds = fashion_mnist.make_dataset(x, y, training=True, batch_size=7, padding=0,
+                                    seed=1, with_index=True)
+    seen = []
+    for (images, index), labels in ds:
+        for image, i, label in zip(images.numpy(), index.numpy(), labels.numpy()):
+            expected = (x[i][..., None] / 255.0 - fashion_mnist.MEAN) / fashion_mnist.STD
+            # Training flips at random: the image is example i or its mirror.
+            assert (np.allclose(image, expected, atol=1e-5)
+                    or np.allclose(image, expected[:, ::-1], atol=1e-5))
+            assert label == y[i]
+            seen.append(int(i))
+    assert sorted(seen) == list(range(20)) and seen != list(range(20))  # shuffled
+
+
 # --------------------------------------------------------------------------
 # KD with keras.distillation
 # --------------------------------------------------------------------------

@@ -52,6 +52,7 @@ def make_dataset(
     cache=True,
     repeat=False,
     drop_remainder=False,
+    with_index=False,
 ):
     """Batched, prefetched `(images, labels)` for training or evaluation.
 
@@ -72,6 +73,9 @@ def make_dataset(
             pass (CIFAR is 150 MB); augmentation still runs every epoch.
         repeat: repeat forever (for `fit(steps_per_epoch=...)`).
         drop_remainder: drop the last partial batch.
+        with_index: yield `((images, index), labels)`, `index` being each
+            example's position in the data before shuffling (SRDL's
+            example index, see `keras_dks.methods.with_index`).
 
     Returns:
         A `tf.data.Dataset` of float32 `(batch, H, W, C)` images and int64
@@ -90,6 +94,10 @@ def make_dataset(
             return tf.cast(tf.round(tf.clip_by_value(image, 0, 255)), tf.uint8), label
 
         dataset = dataset.map(resize, num_parallel_calls=pipelines.AUTOTUNE)
+    if with_index:  # before shuffling: the index names the example
+        from keras_dks.methods.srdl import with_index as add_index
+
+        dataset = add_index(dataset)
     if cache:
         dataset = dataset.cache()
     if training:
@@ -98,11 +106,14 @@ def make_dataset(
         dataset = dataset.repeat()
 
     def preprocess(image, label):
+        if with_index:
+            image, index = image
         if training:
             image = augment(image, padding)
         # Normalisation commutes with pad/crop/flip, so it runs last, on the
         # crop only.
-        return pipelines.normalize(image, mean, std), label
+        image = pipelines.normalize(image, mean, std)
+        return ((image, index), label) if with_index else (image, label)
 
     dataset = dataset.map(preprocess, num_parallel_calls=pipelines.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)

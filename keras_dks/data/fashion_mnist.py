@@ -148,6 +148,7 @@ def make_dataset(
     seed=None,
     repeat=False,
     drop_remainder=False,
+    with_index=False,
 ):
     """Batched `(images, labels)`: `(batch, 28, 28, 1)` float32, normalised.
 
@@ -163,6 +164,9 @@ def make_dataset(
         seed: shuffle seed.
         repeat: repeat forever (for `fit(steps_per_epoch=...)`).
         drop_remainder: drop the last partial batch.
+        with_index: yield `((images, index), labels)`, `index` being each
+            example's position in the data before shuffling (SRDL's
+            example index, see `keras_dks.methods.with_index`).
 
     Example:
     ```python
@@ -176,15 +180,22 @@ def make_dataset(
     if x.ndim == 3:
         x = x[..., None]
     dataset = tf.data.Dataset.from_tensor_slices((x, np.asarray(y).astype("int64")))
+    if with_index:  # before shuffling: the index names the example
+        from keras_dks.methods.srdl import with_index as add_index
+
+        dataset = add_index(dataset)
     if training:
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
 
     def preprocess(image, label):
+        if with_index:
+            image, index = image
         if training:
             image = cifar.augment(image, padding)
-        return pipelines.normalize(image, MEAN, STD), label
+        image = pipelines.normalize(image, MEAN, STD)
+        return ((image, index), label) if with_index else (image, label)
 
     dataset = dataset.map(preprocess, num_parallel_calls=pipelines.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)

@@ -172,8 +172,8 @@ def measure_throughput(dataset, steps=50, warmup=5):
         batch = next(iterator, None)
         if batch is None:
             break
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        images += int(x.shape[0])
+        # The first leaf: the images of (images, labels) or ((images, index), labels).
+        images += int(tf.nest.flatten(batch)[0].shape[0])
         timed += 1
     seconds = max(time.perf_counter() - start, 1e-9)
     return {

@@ -17,6 +17,7 @@ NumPy inputs get it automatically.
 
 import contextlib
 import math
+import os
 
 import keras
 import numpy as np
@@ -25,6 +26,13 @@ from keras import ops
 
 from keras_dks import losses as losses_lib
 from keras_dks.model import _scale_for_distribution
+
+
+def _atomic_save(path, save, suffix):
+    # A crash while saving never leaves a half-written file under `path`.
+    tmp = path[: -len(suffix)] + f".tmp{os.getpid()}" + suffix
+    save(tmp)
+    os.replace(tmp, path)
 
 
 def with_index(dataset):
@@ -115,6 +123,9 @@ class SRDLModel(keras.Model):
         temperature: T.
         distill_weight: multiplier on the T^2-scaled KL term (1 in the
             paper).
+        weight_decay: coupled L2 on the classifier's trainable variables
+            (`weight_decay / 2 * sum ||w||^2` added to the loss, PyTorch's
+            SGD `weight_decay`), as `DKSModel(weight_decay=...)`.
         table_shape: shape of an empty table to create instead of
             `soft_targets` (used when loading a saved model).
 
@@ -139,10 +150,13 @@ class SRDLModel(keras.Model):
         soft_targets=None,
         temperature=3.0,
         distill_weight=1.0,
+        weight_decay=0.0,
         table_shape=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be non-negative, got {weight_decay}.")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
         if not distill_weight >= 0:
@@ -152,6 +166,7 @@ class SRDLModel(keras.Model):
         self.model = model
         self.temperature = float(temperature)
         self.distill_weight = float(distill_weight)
+        self.weight_decay = float(weight_decay)
         self.soft_targets = None
         self.distill_loss_tracker = None
         if soft_targets is None and table_shape is not None:
@@ -167,6 +182,9 @@ class SRDLModel(keras.Model):
                 table, trainable=False, name="soft_targets"
             )
             self.distill_loss_tracker = keras.metrics.Mean(name="distill_loss")
+        # Built with the wrapped classifier (it owns no layer of its own), so
+        # BackupAndRestore can load weights before the first step.
+        self.built = bool(getattr(model, "built", False))
 
     def call(self, inputs, training=None):
         images, _ = _split_inputs(inputs)
@@ -196,8 +214,12 @@ class SRDLModel(keras.Model):
         loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
+        extra = losses_lib.coupled_weight_decay(
+            self.model.trainable_variables, self.weight_decay
+        )
         if self.soft_targets is None or not training or not self.distill_weight:
-            return loss
+            # Raw sums are not scaled for tf.distribute as Keras losses are.
+            return loss + _scale_for_distribution(extra) if self.weight_decay else loss
         _, index = _split_inputs(x)
         if index is None:
             raise ValueError(
@@ -214,8 +236,7 @@ class SRDLModel(keras.Model):
             * losses_lib._batch_mean(kl, sample_weight)
         )
         self.distill_loss_tracker.update_state(distill)
-        # Raw means are not scaled for tf.distribute as Keras losses are.
-        return loss + _scale_for_distribution(distill)
+        return loss + _scale_for_distribution(distill + extra)
 
     def get_config(self):
         config = super().get_config()
@@ -230,6 +251,7 @@ class SRDLModel(keras.Model):
                 ),
                 "temperature": self.temperature,
                 "distill_weight": self.distill_weight,
+                "weight_decay": self.weight_decay,
             }
         )
         return config
@@ -267,9 +289,9 @@ class SRDL:
     weights (the paper's ablation, worse).
 
     Differences from the paper: the default optimizer follows it (SGD,
-    Nesterov momentum 0.9, lr 0.1 x0.1 at 50 % and 75 % of each stage) but
-    has no weight decay (the paper uses 2e-4): add it in `optimizer_fn` or
-    as kernel regularizers. The paper does not say whether the stored
+    Nesterov momentum 0.9, lr 0.1 x0.1 at 50 % and 75 % of each stage);
+    weight decay is off by default (the paper uses 2e-4: pass
+    `weight_decay=2e-4`, coupled L2 as in PyTorch's SGD). The paper does not say whether the stored
     predictions are made on augmented images; here they are made in
     inference mode on `extraction_data` (default: one pass over the
     training data as given) - pass the un-augmented training set to match
@@ -288,6 +310,8 @@ class SRDL:
             logits).
         metrics: metrics for `compile`.
         restart: re-initialise the network for stage 2.
+        weight_decay: coupled L2 on all trainable variables of the
+            classifier, in both stages (see `SRDLModel`).
         strategy: optional `tf.distribute` strategy; models, optimizers and
             the table are created in its scope.
         compile_kwargs: extra `compile` arguments (e.g. `jit_compile`).
@@ -323,6 +347,7 @@ class SRDL:
         loss=None,
         metrics=None,
         restart=True,
+        weight_decay=0.0,
         strategy=None,
         compile_kwargs=None,
     ):
@@ -345,6 +370,7 @@ class SRDL:
         self.loss = loss
         self.metrics = metrics
         self.restart = bool(restart)
+        self.weight_decay = float(weight_decay)
         self.strategy = strategy
         self.compile_kwargs = dict(compile_kwargs or {})
         self.model = None
@@ -401,6 +427,7 @@ class SRDL:
         num_examples=None,
         extraction_data=None,
         callbacks=None,
+        checkpoint_dir=None,
         verbose="auto",
         **fit_kwargs,
     ):
@@ -422,11 +449,24 @@ class SRDL:
                 probabilities on (default: one pass over `x`).
             callbacks: a list used in both stages, or `callbacks(stage)`
                 returning the list for stage 1 or 2.
+            checkpoint_dir: makes the procedure resumable. Each stage is
+                backed up after every epoch
+                (`keras_dks.callbacks.SafeBackupAndRestore` in
+                `checkpoint_dir/stage1`, `.../stage2`), and the outcome of
+                stage 1 (`stage1.weights.h5`, `soft_targets.npy`) is kept:
+                running the same `fit` again after a crash skips a finished
+                stage 1 (its history is then None) and resumes the
+                interrupted stage at its last finished epoch. Everything
+                there is deleted once stage 2 completes. Under
+                `MultiWorkerMirroredStrategy` give each worker its own.
             verbose, **fit_kwargs: passed to `keras.Model.fit`.
 
         Returns:
             `[history_stage1, history_stage2]`.
         """
+        from keras_dks.callbacks import SafeBackupAndRestore
+
+
         user_steps = steps_per_epoch
         if isinstance(x, tf.data.Dataset):
             if y is not None:
@@ -480,15 +520,42 @@ class SRDL:
         if user_steps is not None:  # else Keras runs full passes
             common["steps_per_epoch"] = user_steps
 
+        def stage_callbacks_with_backup(stage):
+            found = list(stage_callbacks(stage))
+            if checkpoint_dir:  # last: it saves what the others logged
+                found.append(
+                    SafeBackupAndRestore(os.path.join(checkpoint_dir, f"stage{stage}"))
+                )
+            return found
+
+        if checkpoint_dir:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            stage1_weights = os.path.join(checkpoint_dir, "stage1.weights.h5")
+            stage1_table = os.path.join(checkpoint_dir, "soft_targets.npy")
+        stage1_done = bool(checkpoint_dir) and os.path.exists(stage1_table)
+
         # Stage 1: cross-entropy, complete schedule.
         with self._scope():
             net1 = self._new_model(1)
-            trainer1 = SRDLModel(net1, temperature=self.temperature, name="srdl_stage1")
+            trainer1 = SRDLModel(
+                net1, temperature=self.temperature, weight_decay=self.weight_decay,
+                name="srdl_stage1",
+            )
             self._compile(trainer1, self.stage_steps)
-        history1 = trainer1.fit(**fit_data, callbacks=stage_callbacks(1), **common)
-
-        # The stored knowledge: softmax(z / T) of every training example.
-        table = self.extract_soft_targets(net1, extraction_data, num_examples)
+        if stage1_done:
+            net1.load_weights(stage1_weights)
+            table = np.load(stage1_table)
+            history1 = None
+        else:
+            history1 = trainer1.fit(
+                **fit_data, callbacks=stage_callbacks_with_backup(1), **common
+            )
+            # The stored knowledge: softmax(z / T) of every training example.
+            table = self.extract_soft_targets(net1, extraction_data, num_examples)
+            if checkpoint_dir:
+                # Weights first, the table last: its presence marks stage 1 done.
+                _atomic_save(stage1_weights, net1.save_weights, ".weights.h5")
+                _atomic_save(stage1_table, lambda p: np.save(p, table), ".npy")
 
         # Stage 2: fresh weights, fresh schedule, CE + T^2 KL.
         with self._scope():
@@ -502,10 +569,19 @@ class SRDL:
                 soft_targets=table,
                 temperature=self.temperature,
                 distill_weight=self.distill_weight,
+                weight_decay=self.weight_decay,
                 name="srdl_stage2",
             )
             self._compile(trainer2, self.stage_steps)
-        history2 = trainer2.fit(**fit_data, callbacks=stage_callbacks(2), **common)
+        history2 = trainer2.fit(
+            **fit_data, callbacks=stage_callbacks_with_backup(2), **common
+        )
+        if checkpoint_dir:  # finished: the next run starts afresh, as Keras'
+            for path in (stage1_table, stage1_weights):  # BackupAndRestore does
+                if os.path.exists(path):
+                    os.remove(path)
+            if not os.listdir(checkpoint_dir):
+                os.rmdir(checkpoint_dir)
 
         self.stage1_model, self.model = net1, net2
         self.soft_targets = table
