@@ -38,7 +38,7 @@ from keras_dks.data import fashion_mnist  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("methods", ["baseline", "ds", "dks"], "Methods to compare (baseline, ds, dks, dhm).")
+flags.DEFINE_list("methods", ["baseline", "ds", "dks"], "Methods to compare (baseline, ds, dks, dhm, srdl).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (one run per method and seed).")
 flags.DEFINE_integer("depth", 16, "WRN depth (6n+4).")
 flags.DEFINE_integer("width", 1, "WRN width multiplier.")
@@ -54,16 +54,19 @@ flags.DEFINE_bool("summary_only", False, "Only rebuild the summary from finished
 flags.DEFINE_integer("threads", 0, "TF intra-op threads (0: TensorFlow's default).")
 
 
-def datasets(seed):
-    """Augmented train, test, and un-augmented train (for the train error)."""
+def datasets(seed, with_index=False):
+    """Augmented train, test, un-augmented train (for the train error) and,
+    for SRDL, the un-augmented train with example indices."""
     fm = fashion_mnist
     (x, y), (x_test, y_test) = fm.load_data(FLAGS.data_dir)
     # The subset is fixed (seed 1234), the same for every method and seed.
     x, y = fm.subset(x, y, FLAGS.train_examples, seed=1234)
     return (
-        fm.make_dataset(x, y, training=True, batch_size=FLAGS.batch_size, seed=seed),
+        fm.make_dataset(x, y, training=True, batch_size=FLAGS.batch_size, seed=seed,
+                        with_index=with_index),
         fm.make_dataset(x_test, y_test, training=False, batch_size=500),
         fm.make_dataset(x, y, training=False, batch_size=500),
+        fm.make_dataset(x, y, training=False, batch_size=500, with_index=True),
         len(x),
     )
 
@@ -90,34 +93,53 @@ def run(method, seed):
         print(f"{method} seed {seed}: done already ({path})")
         return
     keras.utils.set_random_seed(seed)
-    train_ds, test_ds, clean_train_ds, n_train = datasets(seed)
+    srdl = method == "srdl"
+    train_ds, test_ds, clean_train_ds, indexed_ds, n_train = datasets(seed, with_index=srdl)
     steps = int(np.ceil(n_train / FLAGS.batch_size))
-    backbone = keras_dks.backbones.wide_resnet(
-        FLAGS.depth, FLAGS.width, 10, input_shape=(28, 28, 1)
-    )
-    model = recipes.build_model(method, backbone, weight_decay=FLAGS.weight_decay, seed=seed)
-    schedule = recipes.step_schedule(
-        FLAGS.lr, steps, [f * FLAGS.epochs for f in (0.3, 0.6, 0.8)], 0.2
-    )
-    model.compile(optimizer=recipes.sgd(schedule, 0.9), metrics=["accuracy"])
+
+    def backbone_fn():
+        return keras_dks.backbones.wide_resnet(
+            FLAGS.depth, FLAGS.width, 10, input_shape=(28, 28, 1)
+        )
+
+    def optimizer(span=1.0):  # SRDL: the whole schedule in each half (span 0.5)
+        boundaries = [f * FLAGS.epochs * span for f in (0.3, 0.6, 0.8)]
+        return recipes.sgd(recipes.step_schedule(FLAGS.lr, steps, boundaries, 0.2), 0.9)
+
     # Resumable: an interrupted run restarts from its last finished epoch.
-    result = recipes.train(
-        model, train_ds, test_ds, epochs=FLAGS.epochs,
+    common_args = dict(
+        epochs=FLAGS.epochs,
         model_dir=os.path.join(FLAGS.out_dir, "work", f"{method}_seed{seed}"),
         batch_size=FLAGS.batch_size, validation_freq=FLAGS.eval_every,
         callbacks=[TrainErrorOfFixedModel(clean_train_ds)],
-        save_model=False, plot=False, tensorboard=False,
+        save_model=False, plot=False,
     )
+    if srdl:
+        result = recipes.train_srdl(
+            backbone_fn, train_ds, test_ds, indexed_ds, steps_per_epoch=None,
+            optimizer_fn=lambda _: optimizer(0.5), weight_decay=FLAGS.weight_decay,
+            **common_args,
+        )
+        model = result.pop("model")
+        heads, params = ["main"], int(model.count_params())
+    else:
+        model = recipes.build_model(
+            method, backbone_fn(), weight_decay=FLAGS.weight_decay, seed=seed
+        )
+        model.compile(optimizer=optimizer(), metrics=["accuracy"])
+        result = recipes.train(model, train_ds, test_ds, tensorboard=False, **common_args)
+        heads, params = model.head_names, int(model.count_params())
+        model = model.inference_model()
     common.write_json(path, {
         "method": method,
         "seed": seed,
-        "heads": model.head_names,
+        "heads": heads,
         "test_error": result["head_errors"],
         "history": result["history"],
         "wall_seconds_last_session": result["wall_seconds"],
         "train_images_per_second": result["train_images_per_second"],
-        "params_training": int(model.count_params()),
-        "params_inference": int(model.inference_model().count_params()),
+        "params_training": params,
+        "params_inference": int(model.count_params()),
     })
 
 

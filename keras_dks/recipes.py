@@ -480,6 +480,7 @@ def train_srdl(
     strategy=None,
     jit_compile=False,
     validation_freq=1,
+    callbacks=(),
     verbose=2,
     save_model=True,
     plot=True,
@@ -507,8 +508,8 @@ def train_srdl(
         steps_per_epoch: optimizer steps per epoch.
         optimizer_fn: `optimizer_fn(stage_steps) -> optimizer`.
         weight_decay: coupled L2 on all trainable variables.
-        model_dir, batch_size, validation_freq, verbose, save_model, plot,
-        title: as in `train`.
+        model_dir, batch_size, validation_freq, callbacks, verbose,
+        save_model, plot, title: as in `train` (callbacks serve both stages).
         strategy: `tf.distribute` strategy (None: the current one).
         jit_compile: compile the train step with XLA.
 
@@ -539,6 +540,7 @@ def train_srdl(
 
     def stage_callbacks(stage):
         found = [meter, callbacks_lib.StopOnNonFiniteLoss(raise_error=True)]
+        found += list(callbacks)
         if log_path:
             found.append(_StageEpochLog(log_path, offset=(stage - 1) * stage_epochs))
         return found

@@ -186,8 +186,9 @@ def _result(run_dir):
     with open(run_dir / "result.json") as f:
         result = json.load(f)
     model = make_model()
+    model.optimizer.build(model.trainable_variables)  # so its state loads too
     model.load_weights(str(run_dir / "final.weights.h5"))
-    return result, model.get_weights()
+    return result, model.get_weights() + [v.numpy() for v in model.optimizer.variables]
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,16 @@ def test_train_writes_history_curves_model_and_reports(tmp_path):
     model.compile(recipes.sgd(recipes.step_schedule(0.01, 2, (1,), 0.2)), metrics=["accuracy"])
     data = tiny_data()
     model_dir = str(tmp_path / "run")
-    result = recipes.train(model, data, data, epochs=2, model_dir=model_dir, batch_size=8, verbose=0)
+
+    class AddsToLogs(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs["extra_metric"] = 10.0 + epoch
+
+    result = recipes.train(model, data, data, epochs=2, model_dir=model_dir, batch_size=8,
+                           verbose=0, callbacks=[AddsToLogs()])
     assert set(result["head_errors"]) == {"main", "aux_group1", "aux_group0"}
+    # What user callbacks add is recorded in the per-epoch log.
+    assert result["history"]["extra_metric"] == [10.0, 11.0]
     assert result["train_steps_per_second"] > 0
     assert result["train_images_per_second"] == pytest.approx(8 * result["train_steps_per_second"])
     for name in ("history.json", "curves.png", "model.keras", "epochs.jsonl"):
