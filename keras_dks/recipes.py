@@ -311,14 +311,6 @@ def _has_tensorboard():
     return True
 
 
-def head_errors(model, results):
-    """`{head: error}` (fractions) from `evaluate(..., return_dict=True)`."""
-    return {
-        h: 1.0 - float(results["accuracy" if h == "main" else f"{h}_accuracy"])
-        for h in model.head_names
-    }
-
-
 def write_json(path, obj):
     """Write `obj` as indented JSON, replacing `path` atomically."""
     tmp = f"{path}.tmp-{os.getpid()}"
@@ -437,13 +429,24 @@ def train(
     final = {}
     if eval_data is not None:
         final = model.evaluate(eval_data, steps=eval_steps, verbose=0, return_dict=True)
-        final = {k: float(v) for k, v in final.items()}
+    return _report(
+        model, list(model.head_names), logs, final, wall, meter, batch_size, paths,
+        model_dir, plot, save_model, title,
+    )
+
+
+def _report(model, heads, logs, final, wall, meter, batch_size, paths, model_dir, plot,
+            save_model, title):
+    """The result dict of `train` / `train_srdl`; writes history, curves, model."""
+    final = {k: float(v) for k, v in final.items()}
     steps_per_second = meter.steps_per_second()
     result = {
-        "head_names": list(model.head_names),
+        "head_names": heads,
         "history": logs,
         "eval": final,
-        "head_errors": head_errors(model, final) if final else {},
+        "head_errors": {  # {head: error} as fractions
+            h: 1.0 - final["accuracy" if h == "main" else f"{h}_accuracy"] for h in heads
+        } if final else {},
         "wall_seconds": wall,
         "train_steps_per_second": steps_per_second,
         "train_images_per_second": steps_per_second * batch_size if batch_size else None,
@@ -456,8 +459,7 @@ def train(
             from keras_dks import plots
 
             paths["curves"] = plots.plot_error_curves(
-                logs, os.path.join(model_dir, "curves.png"), title=title,
-                heads=model.head_names,
+                logs, os.path.join(model_dir, "curves.png"), title=title, heads=heads
             )
         if save_model:
             paths["model"] = os.path.join(model_dir, "model.keras")
@@ -564,33 +566,11 @@ def train_srdl(
         for history in histories:
             for k, v in (history.history if history else {}).items():
                 logs.setdefault(k, []).extend(v)
-    trainer = srdl.trainers[1]
-    final = trainer.evaluate(eval_data, verbose=0, return_dict=True)
-    final = {k: float(v) for k, v in final.items()}
-    steps_per_second = meter.steps_per_second()
-    result = {
-        "head_names": ["main"],
-        "history": logs,
-        "eval": final,
-        "head_errors": {"main": 1.0 - final["accuracy"]},
-        "wall_seconds": wall,
-        "train_steps_per_second": steps_per_second,
-        "train_images_per_second": steps_per_second * batch_size if batch_size else None,
-        "paths": {},
-    }
-    paths = result["paths"]
-    if model_dir:
-        paths["history"] = os.path.join(model_dir, "history.json")
-        write_json(paths["history"], {k: v for k, v in result.items() if k != "paths"})
-        if plot:
-            from keras_dks import plots
-
-            paths["curves"] = plots.plot_error_curves(
-                logs, os.path.join(model_dir, "curves.png"), title=title, heads=["main"]
-            )
-        if save_model:
-            paths["model"] = os.path.join(model_dir, "model.keras")
-            srdl.model.save(paths["model"])
+    final = srdl.trainers[1].evaluate(eval_data, verbose=0, return_dict=True)
+    result = _report(
+        srdl.model, ["main"], logs, final, wall, meter, batch_size, {}, model_dir, plot,
+        save_model, title,
+    )
     result["model"] = srdl.model
     return result
 
