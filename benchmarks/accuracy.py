@@ -47,6 +47,7 @@ flags.DEFINE_integer("train_examples", 5000, "Fixed training subset size.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 on all trainable variables.")
+flags.DEFINE_bool("augment", True, "Pad-4 random crop + horizontal flip on the training images.")
 flags.DEFINE_integer("eval_every", 1, "Evaluate on the test set every N epochs (and at the end).")
 flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX folder (default: Debian's).")
 flags.DEFINE_string("out_dir", "benchmarks/results/accuracy", "Where results go.")
@@ -63,7 +64,7 @@ def datasets(seed, with_index=False):
     x, y = fm.subset(x, y, FLAGS.train_examples, seed=1234)
     return (
         fm.make_dataset(x, y, training=True, batch_size=FLAGS.batch_size, seed=seed,
-                        with_index=with_index),
+                        with_index=with_index, augment=FLAGS.augment),
         fm.make_dataset(x_test, y_test, training=False, batch_size=500),
         fm.make_dataset(x, y, training=False, batch_size=500),
         fm.make_dataset(x, y, training=False, batch_size=500, with_index=True),
@@ -72,14 +73,18 @@ def datasets(seed, with_index=False):
 
 
 class TrainErrorOfFixedModel(keras.callbacks.Callback):
-    """Per-head train accuracy at the end of each epoch, without augmentation
-    (the paper's Figure 1 plots train error of the model, not running means)."""
+    """Per-head train accuracy without augmentation, every `every` epochs and
+    at the last one (the paper's Figure 1 plots the train error of the
+    model, not running means over an epoch)."""
 
-    def __init__(self, data):
+    def __init__(self, data, every=1):
         super().__init__()
         self.data = data
+        self.every = every
 
     def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every and epoch + 1 != self.params.get("epochs"):
+            return
         logs = logs if logs is not None else {}
         result = self.model.evaluate(self.data, verbose=0, return_dict=True)
         for key, value in result.items():
@@ -111,7 +116,7 @@ def run(method, seed):
         epochs=FLAGS.epochs,
         model_dir=os.path.join(FLAGS.out_dir, "work", f"{method}_seed{seed}"),
         batch_size=FLAGS.batch_size, validation_freq=FLAGS.eval_every,
-        callbacks=[TrainErrorOfFixedModel(clean_train_ds)],
+        callbacks=[TrainErrorOfFixedModel(clean_train_ds, FLAGS.eval_every)],
         save_model=False, plot=False,
     )
     if srdl:
@@ -133,6 +138,9 @@ def run(method, seed):
     common.write_json(path, {
         "method": method,
         "seed": seed,
+        "config": run_config(),
+        "command": common.command_line(),
+        "environment": common.environment(),
         "heads": heads,
         "test_error": result["head_errors"],
         "history": result["history"],
@@ -141,6 +149,14 @@ def run(method, seed):
         "params_training": params,
         "params_inference": int(model.count_params()),
     })
+
+
+CONFIG_FLAGS = ("depth", "width", "epochs", "train_examples", "batch_size", "lr",
+                "weight_decay", "eval_every", "augment")
+
+
+def run_config():
+    return {k: FLAGS[k].value for k in CONFIG_FLAGS}
 
 
 def summarise():
@@ -152,6 +168,12 @@ def summarise():
     if not runs:
         print("No finished runs yet.")
         return
+    configs = {json.dumps(r.get("config"), sort_keys=True) for r in runs}
+    if len(configs) > 1:
+        raise app.UsageError(
+            f"{runs_dir} holds runs of different configurations {sorted(configs)}: "
+            "use one --out_dir per configuration."
+        )
     by_method = {}
     for r in runs:
         by_method.setdefault(r["method"], []).append(r)
@@ -163,11 +185,11 @@ def summarise():
             "test_error_mean": {h: float(np.mean([r["test_error"][h] for r in rs])) for h in heads},
             "test_error_std": {h: float(np.std([r["test_error"][h] for r in rs], ddof=1)) if len(rs) > 1 else None for h in heads},
         }
-    env = common.environment()
-    config = {k: FLAGS[k].value for k in ("depth", "width", "epochs", "train_examples", "batch_size", "lr", "weight_decay", "eval_every")}
+    # Config, command and machine of the runs themselves (not of this call).
+    config, command, env = runs[0]["config"], runs[0]["command"], runs[0]["environment"]
     common.write_json(
         os.path.join(FLAGS.out_dir, "summary.json"),
-        {"command": common.command_line(), "config": config, "environment": env, "summary": summary},
+        {"command": command, "config": config, "environment": env, "summary": summary},
     )
     order = [m for m in ("baseline", "ds", "dks", "dhm", "srdl") if m in summary]
     lines = [
@@ -175,9 +197,10 @@ def summarise():
         "",
         f"WRN-{config['depth']}-{config['width']}, {config['train_examples']} training examples, "
         f"full 10k test set, {config['epochs']} epochs, batch {config['batch_size']}, "
-        f"SGD lr {config['lr']} x0.2 at 30/60/80 %, momentum 0.9, coupled L2 {config['weight_decay']}.",
+        f"SGD lr {config['lr']} x0.2 at 30/60/80 %, momentum 0.9, coupled L2 {config['weight_decay']}, "
+        + ("pad-4 crop + flip." if config.get("augment", True) else "no augmentation."),
         "",
-        f"Command: `{common.command_line()}`  ",
+        f"Command: `{command}`  ",
         f"Machine: {env['cpu']} ({env['cpu_count']} cores), TensorFlow {env['tensorflow']}, Keras {env['keras']}",
         "",
         "| method | seeds | main head | auxiliary heads |",
@@ -190,6 +213,17 @@ def summarise():
             return f"{100 * s['test_error_mean'][h]:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
         aux = ", ".join(f"{h}: {fmt(h)}" for h in s["test_error_mean"] if h != "main") or "-"
         lines.append(f"| {m} | {len(s['seeds'])} | {fmt('main')} | {aux} |")
+    if "baseline" in summary:
+        base = summary["baseline"]
+        lines.append("")
+        for m in order[1:]:
+            gap = 100 * (base["test_error_mean"]["main"] - summary[m]["test_error_mean"]["main"])
+            stds = [100 * (x["test_error_std"]["main"] or 0) for x in (base, summary[m])]
+            lines.append(
+                f"- {m} vs baseline (main head): {gap:+.2f} points "
+                f"({'larger' if abs(gap) > max(stds) else 'not larger'} than the seeds' "
+                f"standard deviations {stds[0]:.2f} / {stds[1]:.2f})"
+            )
     with open(os.path.join(FLAGS.out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -212,7 +246,9 @@ def plot(by_method, summary, order):
             evaluated = ~np.isnan(test)  # test error every --eval_every epochs
             line = ax.plot(np.flatnonzero(evaluated), 100 * test[evaluated], "o-", ms=3,
                            label=f"{h} test")[0]
-            ax.plot(100 * train, "--", color=line.get_color(), label=f"{h} train")
+            measured = ~np.isnan(train)
+            ax.plot(np.flatnonzero(measured), 100 * train[measured], "--",
+                    color=line.get_color(), label=f"{h} train")
         ax.set_title(method)
         ax.set_xlabel("epoch")
         ax.set_ylabel("error (%)")

@@ -582,6 +582,12 @@ def test_dataset_with_index_names_each_example():
             assert label == y[i]
             seen.append(int(i))
     assert sorted(seen) == list(range(20)) and seen != list(range(20))  # shuffled
+    # augment=False: shuffled, never flipped.
+    plain = fashion_mnist.make_dataset(x, y, training=True, batch_size=20, seed=1,
+                                       with_index=True, augment=False)
+    (images, index), _ = next(iter(plain))
+    expected = (x[index.numpy()][..., None] / 255.0 - fashion_mnist.MEAN) / fashion_mnist.STD
+    np.testing.assert_allclose(images.numpy(), expected, atol=1e-5)
 
 
 # --------------------------------------------------------------------------

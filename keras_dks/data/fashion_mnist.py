@@ -149,6 +149,7 @@ def make_dataset(
     repeat=False,
     drop_remainder=False,
     with_index=False,
+    augment=True,
 ):
     """Batched `(images, labels)`: `(batch, 28, 28, 1)` float32, normalised.
 
@@ -164,6 +165,8 @@ def make_dataset(
         seed: shuffle seed.
         repeat: repeat forever (for `fit(steps_per_epoch=...)`).
         drop_remainder: drop the last partial batch.
+        augment: with `training`, apply the augmentation (False: shuffle
+            only).
         with_index: yield `((images, index), labels)`, `index` being each
             example's position in the data before shuffling (SRDL's
             example index, see `keras_dks.methods.with_index`).
@@ -192,7 +195,7 @@ def make_dataset(
     def preprocess(image, label):
         if with_index:
             image, index = image
-        if training:
+        if training and augment:
             image = cifar.augment(image, padding)
         image = pipelines.normalize(image, MEAN, STD)
         return ((image, index), label) if with_index else (image, label)
