@@ -24,7 +24,6 @@ Usage:
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 flags.DEFINE_integer("steps", 5, "Train steps timed per round and variant.")
 flags.DEFINE_string("out", "benchmarks/results/cost", "Output path prefix.")
 flags.DEFINE_string("memory_child", None, "Internal: measure one variant's peak RSS.")
+flags.DEFINE_bool("memory_only", False, "Re-measure peak memory only, into the existing --out JSON/MD.")
 
 VARIANTS = {"baseline": dict(taps=[]), "ds": dict(pairs="none"), "dks": dict(pairs="bidirectional")}
 CONFIGS = {
@@ -145,7 +145,11 @@ def measure_memory_child(spec):
     x, y = batch(config)
     for _ in range(3):
         model.train_on_batch(x, y)
-    print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM, not getrusage: Linux's ru_maxrss survives fork+exec and reports
+    # the parent's peak when the parent is bigger.
+    with open("/proc/self/status") as f:
+        hwm_kb = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    print(json.dumps({"max_rss_mb": hwm_kb / 1024}))
 
 
 def peak_memory(config, variant):
@@ -258,7 +262,17 @@ def main(argv):
         measure_memory_child(FLAGS.memory_child)
         return
     env, command = common.environment(), common.command_line()
-    results = {name: measure(name) for name in FLAGS.models}
+    if FLAGS.memory_only:
+        with open(FLAGS.out + ".json") as f:
+            saved = json.load(f)
+        results = saved["results"]
+        for name in FLAGS.models:
+            rss = {v: peak_memory(name, v) for v in VARIANTS}
+            results[name]["peak_rss_mb"] = rss
+            results[name]["peak_rss_ratio"] = {v: rss[v] / rss["baseline"] for v in rss}
+        command = saved["command"] + "; peak memory: " + command
+    else:
+        results = {name: measure(name) for name in FLAGS.models}
     common.write_json(FLAGS.out + ".json", {"command": command, "environment": env, "results": results})
     with open(FLAGS.out + ".md", "w") as f:
         f.write(markdown(results, env, command))
