@@ -95,6 +95,13 @@ class TrainErrorOfFixedModel(keras.callbacks.Callback):
 def run(method, seed):
     path = os.path.join(FLAGS.out_dir, "runs", f"{method}_seed{seed}.json")
     if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f).get("config")
+        if stored != run_config():
+            raise app.UsageError(
+                f"{path} was run with config {stored}, not this command's "
+                f"{run_config()}: use another --out_dir for this configuration."
+            )
         print(f"{method} seed {seed}: done already ({path})")
         return
     keras.utils.set_random_seed(seed)
@@ -268,8 +275,9 @@ def plot(by_method, summary, order):
 
 def main(argv):
     del argv
-    if FLAGS.threads:
+    if FLAGS.threads:  # e.g. 1: leave the other cores to other work
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
     if not FLAGS.summary_only:
         for seed in FLAGS.seeds:
             for method in FLAGS.methods:

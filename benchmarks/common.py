@@ -31,14 +31,20 @@ def environment():
             capture_output=True, text=True, check=False,
             cwd=os.path.dirname(os.path.abspath(__file__)),
         ).stdout.strip()
+        dirty = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "keras_dks", ":(glob)benchmarks/*.py"],
+            capture_output=True, text=True, check=False,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip())
     except OSError:
-        commit = ""
+        commit, dirty = "", None
     return {
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "keras_dks": keras_dks.__version__,
         "git_commit": commit,
+        "git_dirty": dirty,  # uncommitted changes to the code that ran
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
