@@ -283,7 +283,9 @@ def test_fit_lowers_loss_and_logs_every_head():
         "loss", "ce_loss", "aux_s2_ce_loss", "aux_s1_ce_loss", "synergy_loss",
         "accuracy", "aux_s2_accuracy", "aux_s1_accuracy",
     }
-    assert expected | {"val_" + k for k in expected} == set(h)
+    # skipped_steps: training steps whose gradients were not finite.
+    assert expected | {"val_" + k for k in expected} | {"skipped_steps"} == set(h)
+    assert h["skipped_steps"] == [0.0] * 6
     assert h["loss"][-1] < 0.7 * h["loss"][0]
     assert h["ce_loss"][-1] < h["ce_loss"][0]
 
@@ -390,7 +392,7 @@ def test_baseline_has_no_aux_heads():
     model.compile(optimizer="sgd", metrics=["accuracy"])
     x, y = data(8, classes=3)
     h = model.fit(x, y, verbose=0)
-    assert set(h.history) == {"loss", "ce_loss", "synergy_loss", "accuracy"}
+    assert set(h.history) == {"loss", "ce_loss", "synergy_loss", "accuracy", "skipped_steps"}
     assert h.history["synergy_loss"] == [0.0]
 
 

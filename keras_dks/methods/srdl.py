@@ -25,7 +25,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_dks import losses as losses_lib
-from keras_dks.model import _scale_for_distribution
+
 
 
 def _atomic_save(path, save, suffix):
@@ -219,7 +219,7 @@ class SRDLModel(keras.Model):
         )
         if self.soft_targets is None or not training or not self.distill_weight:
             # Raw sums are not scaled for tf.distribute as Keras losses are.
-            return loss + _scale_for_distribution(extra) if self.weight_decay else loss
+            return loss + losses_lib.scale_for_distribution(extra) if self.weight_decay else loss
         _, index = _split_inputs(x)
         if index is None:
             raise ValueError(
@@ -233,10 +233,10 @@ class SRDLModel(keras.Model):
         distill = (
             self.distill_weight
             * self.temperature**2
-            * losses_lib._batch_mean(kl, sample_weight)
+            * losses_lib.batch_mean(kl, sample_weight)
         )
         self.distill_loss_tracker.update_state(distill)
-        return loss + _scale_for_distribution(distill + extra)
+        return loss + losses_lib.scale_for_distribution(distill + extra)
 
     def get_config(self):
         config = super().get_config()
