@@ -261,11 +261,18 @@ class DKSModel(keras.Model):
                 "head; got a dict."
             )
         self._metric_specs = list(metrics) if metrics else []
-        per_head = (
-            {h: list(self._metric_specs) for h in self.head_names}
-            if self._metric_specs
-            else None
-        )
+        per_head = None
+        if self._metric_specs:
+            # Metric objects hold state: each auxiliary head gets a copy.
+            per_head = {
+                h: [
+                    m.__class__.from_config(m.get_config())
+                    if (k and isinstance(m, keras.metrics.Metric))
+                    else m
+                    for m in self._metric_specs
+                ]
+                for k, h in enumerate(self.head_names)
+            }
         super().compile(optimizer=optimizer, loss=None, metrics=per_head, **kwargs)
 
     def get_compile_config(self):
@@ -293,8 +300,9 @@ class DKSModel(keras.Model):
 
     def get_metrics_result(self):
         results = super().get_metrics_result()
-        # Only train_step reports it (evaluation never skips a step).
-        results.pop("skipped_steps", None)
+        if getattr(self, "_evaluating", False):
+            # Evaluation never skips a step: no val_skipped_steps.
+            results.pop("skipped_steps", None)
         if len(self.head_names) > 1:
             # The main head's metrics keep their plain names.
             results = {
@@ -369,36 +377,36 @@ class DKSModel(keras.Model):
     # ------------------------------------------------------------------
     # TensorFlow step (JAX and PyTorch run Keras' own)
     # ------------------------------------------------------------------
-    def train_step(self, data):
-        if keras.backend.backend() != "tensorflow":
-            return super().train_step(data)
-        import tensorflow as tf
+    if keras.backend.backend() == "tensorflow":
+        # JAX's and PyTorch's trainers call compute_loss themselves; their
+        # train_step has another signature, so none is defined there.
 
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        with tf.GradientTape() as tape:
-            y_pred = self(x, training=True)
-            loss = self.compute_loss(x, y, y_pred, sample_weight, training=True)
-            batch = tf.shape(keras.tree.flatten(x)[0])[0]
-            self._loss_tracker.update_state(
-                losses_lib.unscale_for_distribution(loss), sample_weight=batch
+        def train_step(self, data):
+            import tensorflow as tf
+
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x, y, y_pred, sample_weight, training=True)
+                batch = tf.shape(keras.tree.flatten(x)[0])[0]
+                self._loss_tracker.update_state(
+                    losses_lib.unscale_for_distribution(loss), sample_weight=batch
+                )
+                scaled = self.optimizer.scale_loss(loss)  # loss scaling for float16
+            variables = self.trainable_variables
+            grads = tape.gradient(scaled, variables)
+            # A non-finite gradient would corrupt the weights for good: drop the
+            # whole step's gradient and count it (StopOnNonFiniteLoss stops on it).
+            # A LossScaleOptimizer already skips such steps itself.
+            finite = tf.reduce_all(
+                [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
             )
-            scaled = self.optimizer.scale_loss(loss)  # loss scaling for float16
-        variables = self.trainable_variables
-        grads = tape.gradient(scaled, variables)
-        # A non-finite gradient would corrupt the weights for good: drop the
-        # whole step's gradient and count it (StopOnNonFiniteLoss stops on it).
-        # A LossScaleOptimizer already skips such steps itself.
-        finite = tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-        )
-        grads = [
-            g if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads
-        ]
-        self.optimizer.apply_gradients(zip(grads, variables))
-        self.skipped_steps_tracker.update_state(1.0 - tf.cast(finite, "float32"))
-        logs = self.compute_metrics(x, y, y_pred, sample_weight)
-        logs["skipped_steps"] = self.skipped_steps_tracker.result()
-        return logs
+            grads = [
+                g if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads
+            ]
+            self.optimizer.apply_gradients(zip(grads, variables))
+            self.skipped_steps_tracker.update_state(1.0 - tf.cast(finite, "float32"))
+            return self.compute_metrics(x, y, y_pred, sample_weight)
 
     # ------------------------------------------------------------------
     # Label checks before any step
@@ -413,7 +421,11 @@ class DKSModel(keras.Model):
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         self._check_labels(y)
-        return super().evaluate(x, y, *args, **kwargs)
+        self._evaluating = True
+        try:
+            return super().evaluate(x, y, *args, **kwargs)
+        finally:
+            self._evaluating = False
 
     def train_on_batch(self, x, y=None, *args, **kwargs):
         self._check_labels(y)
@@ -421,37 +433,42 @@ class DKSModel(keras.Model):
 
     def test_on_batch(self, x, y=None, *args, **kwargs):
         self._check_labels(y)
-        return super().test_on_batch(x, y, *args, **kwargs)
+        self._evaluating = True
+        try:
+            return super().test_on_batch(x, y, *args, **kwargs)
+        finally:
+            self._evaluating = False
 
-    # --- keras-team/keras#20585 workaround (MultiWorkerMirroredStrategy) ---
-    # Keras' fit/evaluate fail under MultiWorkerMirroredStrategy; these three
-    # overrides route around it, only for models created under that strategy
-    # (details in keras_dks.distribute). Remove them when Keras fixes
-    # https://github.com/keras-team/keras/issues/20585.
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if distribute_lib.needs_keras_20585_workaround(self):
-            return distribute_lib.maybe_symbolic_build(self, iterator, data_batch)
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+    if keras.backend.backend() == "tensorflow":
+        # --- keras-team/keras#20585 workaround (MultiWorkerMirroredStrategy) ---
+        # Keras' fit/evaluate fail under MultiWorkerMirroredStrategy; these three
+        # overrides route around it, only for models created under that strategy
+        # (details in keras_dks.distribute). Remove them when Keras fixes
+        # https://github.com/keras-team/keras/issues/20585.
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            if distribute_lib.needs_keras_20585_workaround(self):
+                return distribute_lib.maybe_symbolic_build(self, iterator, data_batch)
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-    def make_train_function(self, force=False):
-        if not distribute_lib.needs_keras_20585_workaround(self) or (
-            self.train_function is not None and not force
-        ):
-            return super().make_train_function(force)
-        self.train_function = self._make_function(
-            distribute_lib.rank1_logs(self.train_step, self.distribute_strategy)
-        )
-        return self.train_function
+        def make_train_function(self, force=False):
+            if not distribute_lib.needs_keras_20585_workaround(self) or (
+                self.train_function is not None and not force
+            ):
+                return super().make_train_function(force)
+            self.train_function = self._make_function(
+                distribute_lib.rank1_logs(self.train_step, self.distribute_strategy)
+            )
+            return self.train_function
 
-    def make_test_function(self, force=False):
-        if not distribute_lib.needs_keras_20585_workaround(self) or (
-            self.test_function is not None and not force
-        ):
-            return super().make_test_function(force)
-        self.test_function = self._make_function(
-            distribute_lib.rank1_logs(self.test_step, self.distribute_strategy)
-        )
-        return self.test_function
+        def make_test_function(self, force=False):
+            if not distribute_lib.needs_keras_20585_workaround(self) or (
+                self.test_function is not None and not force
+            ):
+                return super().make_test_function(force)
+            self.test_function = self._make_function(
+                distribute_lib.rank1_logs(self.test_step, self.distribute_strategy)
+            )
+            return self.test_function
 
     # ------------------------------------------------------------------
     # Serialization

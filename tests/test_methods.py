@@ -127,7 +127,7 @@ def test_stochastic_pairs_keep_rate_and_masked_loss():
     masks = []
     for step in range(steps):
         model.optimizer.iterations.assign(step)
-        masks.append(model._pair_mask(training=True).numpy())
+        masks.append(model.pair_mask(training=True).numpy())
     masks = np.stack(masks)
     rate = masks.mean(0)
     tol = 4.5 * np.sqrt(p * (1 - p) / steps)

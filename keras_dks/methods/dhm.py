@@ -20,12 +20,13 @@ on every replica and after resuming from a checkpoint. Evaluation and
 the inference model (main head only) never depends on the roots.
 """
 
-import re
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_dks import adapt
+from keras_dks import taps as taps_lib
 from keras_dks.model import DKSModel
 
 ROOT_SAMPLING = ("epoch", "step")
@@ -297,28 +298,36 @@ def _normalise_roots(roots, root_probs, eval_roots):
     return out
 
 
-class _RootSpec:
-    """What `DHMModel` hands to `DKSModel.__init__` as `taps`."""
-
-    def __init__(self, entries, sampling, seed):
-        self.entries = entries
-        self.sampling = sampling
-        self.seed = seed
-
-
-class _GraphView:
-    """A BackboneGraph in which a selector's output sits where its first
-    candidate sits (head layout rules need a position in the backbone)."""
-
-    def __init__(self, graph, alias):
-        self._graph = graph
-        self._alias = alias
-
-    def position(self, tensor):
-        return self._graph.position(self._alias.get(id(tensor), tensor))
-
-    def __getattr__(self, name):
-        return getattr(self._graph, name)
+def _branch_taps(backbone, entries, sampling, seed):
+    """One `adapt.Tap` per branch; a `RootSelector` feeds dynamic ones."""
+    adapt.check_backbone(backbone)
+    graph = taps_lib.BackboneGraph(backbone)
+    known = list(getattr(backbone, "dks_taps", None) or [])
+    out = []
+    for k, (cands, probs, ev) in enumerate(entries):
+        # DKSModel's checks (known layer, 4-D, before the final map).
+        by_name = {t.name: t.tensor for t in adapt.resolve_taps(backbone, graph, cands)}
+        tensors = [by_name[c] for c in cands]
+        if len(cands) == 1:
+            out.append(cands[0])
+            continue
+        label = "|".join(cands)
+        selector = RootSelector(
+            cands, probs, eval_index=ev, sampling=sampling,
+            seed=_branch_seed(seed, k), name=f"{adapt.head_name(label)}_root",
+        )
+        # The head is laid out for the first candidate (equal shapes = same
+        # stage), or for the one the backbone describes its heads for.
+        out.append(
+            adapt.Tap(
+                name=label,
+                tensor=selector(tensors),
+                layout_name=next((c for c in cands if c in known), cands[0]),
+                layout_tensor=tensors[0],
+                depth_tensors=tensors,
+            )
+        )
+    return out
 
 
 @keras.saving.register_keras_serializable(package="keras_dks")
@@ -418,7 +427,7 @@ class DHMModel(DKSModel):
             entries = None
         else:
             entries = _normalise_roots(list(roots), root_probs, eval_roots)
-            spec = _RootSpec(entries, root_sampling, int(seed))
+            spec = _branch_taps(backbone, entries, root_sampling, int(seed))
         super().__init__(
             backbone,
             num_classes=num_classes,
@@ -437,51 +446,6 @@ class DHMModel(DKSModel):
             self.root_probs = [list(p) for _, p, _ in entries]
             self.eval_roots = [c[e] for c, _, e in entries]
         self.root_sampling = root_sampling
-
-    # -- graph construction hooks called by DKSModel.__init__ -------------
-    def _resolve_taps(self, backbone, graph, final, taps):
-        if not isinstance(taps, _RootSpec):
-            return DKSModel._resolve_taps(backbone, graph, final, taps)
-        branches = []
-        for k, (cands, probs, ev) in enumerate(taps.entries):
-            # DKSModel's checks (known layer, 4-D, before the final map).
-            by_name = dict(zip(*DKSModel._resolve_taps(backbone, graph, final, cands)))
-            tensors = [by_name[c] for c in cands]
-            depth = max(graph.position(t) for t in tensors)
-            if len(cands) == 1:
-                branches.append((depth, cands[0], tensors[0], None))
-                continue
-            label = "|".join(cands)
-            head = "aux_" + re.sub(r"[^0-9A-Za-z_]", "_", label)
-            selector = RootSelector(
-                cands, probs, eval_index=ev, sampling=taps.sampling,
-                seed=_branch_seed(taps.seed, k), name=f"{head}_root",
-            )
-            out = selector(tensors)
-            branches.append((depth, label, out, tensors[0]))
-        branches.sort(key=lambda b: -b[0])  # deepest first, like DKSModel
-        # Plain attribute set before keras.Model.__init__: bypass tracking.
-        object.__setattr__(
-            self,
-            "_dhm_alias",
-            {id(b[2]): b[3] for b in branches if b[3] is not None},
-        )
-        return [b[1] for b in branches], [b[2] for b in branches]
-
-    def _build_head(
-        self, backbone, graph, stages, final, tap, tensor, *args
-    ):
-        alias = getattr(self, "_dhm_alias", {})
-        if id(tensor) in alias:
-            graph = _GraphView(graph, alias)
-            # Backbones that describe their own heads (dks_head_stages) know
-            # their stage ends only; equal shapes = same stage, same head.
-            cands = tap.split("|")
-            known = list(getattr(backbone, "dks_taps", None) or [])
-            tap = next((c for c in cands if c in known), cands[0])
-        return DKSModel._build_head(
-            backbone, graph, stages, final, tap, tensor, *args
-        )
 
     # -- training ---------------------------------------------------------
     @property
