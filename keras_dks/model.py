@@ -20,16 +20,6 @@ def _as_list(logits):
     return list(logits) if isinstance(logits, (list, tuple)) else [logits]
 
 
-def _tf_only(feature):
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            f"{feature} is a TensorFlow feature; KERAS_BACKEND is "
-            f"{keras.backend.backend()!r}. Run with KERAS_BACKEND=tensorflow "
-            "(on JAX, use keras.distribution.DataParallel for multi-device "
-            "training)."
-        )
-
-
 @keras.saving.register_keras_serializable(package="keras_dks")
 class DKSModel(keras.Model):
     """Deeply-supervised Knowledge Synergy (Sun et al., CVPR 2019).

@@ -109,7 +109,7 @@ def run_case(case):
             -(targets * _log_softmax(z.astype("float64"))).sum(-1).mean())
     out["eval_refs"] = ref
     pred = model.predict(x, verbose=0)
-    out["predict_matches"] = bool(np.allclose(pred[0], logits[0], atol=1e-5))
+    out["predict_matches"] = bool(np.allclose(pred[0], logits[0], rtol=1e-4, atol=1e-4))
     serving = model.inference_model()
     out["inference_matches"] = bool(np.allclose(
         keras.ops.convert_to_numpy(serving(x)), logits[0], atol=1e-5))
@@ -154,5 +154,10 @@ if __name__ == "__main__":
         result = {"backend": keras.backend.backend()}
         for case in sys.argv[2:] or sorted(CASES):
             result[case] = run_case(case)
+        try:  # a TensorFlow-only feature says so on this backend
+            keras_dks.distribute.get_strategy("mirrored")
+            result["tf_only_error"] = None
+        except RuntimeError as e:
+            result["tf_only_error"] = str(e)
     with open(target, "w") as f:
         json.dump(result, f)
