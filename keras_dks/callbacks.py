@@ -309,6 +309,11 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
       of returning normally from `fit` (useful in scripts that must exit
       non-zero; `History` is then not returned).
 
+    It also stops at the first batch whose `skipped_steps` log is positive:
+    `DKSModel`'s TensorFlow step skips (applies no gradient to) a step whose
+    gradients are not finite, which can happen with a finite loss (e.g. a
+    NaN image); the message then says "Non-finite gradients".
+
     Epochs and batches in the message are 1-based, as in the progress bar.
     When only `loss` is non-finite, the regularisation (weight decay or
     layer losses) overflowed. With `jit_compile=True` a label outside
@@ -337,10 +342,10 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         skipped = float((logs or {}).get("skipped_steps", 0.0) or 0.0)
-        if skipped > 0 and self.message is None:
+        bad = _non_finite_losses(logs)
+        if skipped > 0 and not bad and self.message is None:
             self._stop_on_skipped_step(batch, skipped)
             return
-        bad = _non_finite_losses(logs)
         if not bad or self.message is not None:
             return
         total = bad.pop("loss", (logs or {}).get("loss"))
@@ -369,6 +374,11 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             "default loss scaling (compile(auto_scale_loss=True)). With "
             "jit_compile=True, labels outside [0, num_classes) also give NaN."
         )
+        if skipped > 0:
+            self.message += (
+                " Its gradients were not finite: the step was skipped, the "
+                "weights were not updated."
+            )
         logging.error(self.message)
         self.model.stop_training = True
         if self.raise_error:

@@ -386,16 +386,21 @@ class DKSModel(keras.Model):
             variables = self.trainable_variables
             grads = tape.gradient(scaled, variables)
             # A non-finite gradient would corrupt the weights for good: drop the
-            # whole step's gradient and count it (StopOnNonFiniteLoss stops on it).
-            # A LossScaleOptimizer already skips such steps itself.
-            finite = tf.reduce_all(
-                [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-            )
-            grads = [
-                g if g is None else tf.where(finite, g, tf.zeros_like(g)) for g in grads
-            ]
+            # whole step's gradient and count it (StopOnNonFiniteLoss stops on
+            # it). A LossScaleOptimizer skips such steps itself and lowers its
+            # scale (an overflow there is routine, not an error).
+            if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                finite = tf.reduce_all(
+                    [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+                )
+                grads = [
+                    g if g is None else tf.where(finite, g, tf.zeros_like(g))
+                    for g in grads
+                ]
+                self.skipped_steps_tracker.update_state(
+                    1.0 - tf.cast(finite, "float32")
+                )
             self.optimizer.apply_gradients(zip(grads, variables))
-            self.skipped_steps_tracker.update_state(1.0 - tf.cast(finite, "float32"))
             return self.compute_metrics(x, y, y_pred, sample_weight)
 
     # ------------------------------------------------------------------

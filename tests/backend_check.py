@@ -8,9 +8,9 @@ logs, `evaluate` logs with per-head references, and whether `predict`,
 `inference_model()` and a `.keras` round trip agree. `test_backends.py`
 runs it per backend and compares with the TensorFlow values.
 
-`python tests/backend_check.py OUT.json --data-parallel N` trains on N
-devices with `keras.distribution.DataParallel` (JAX) and records the
-weights.
+`python tests/backend_check.py OUT.json --data-parallel` trains on one
+device, then on all with `keras.distribution.DataParallel` (JAX), and
+records both runs' weights.
 """
 
 import json
@@ -75,7 +75,7 @@ def batch(size, n=8, classes=4, seed=1):
             rng.integers(0, classes, n))
 
 
-def run_case(case):
+def run_case(case, loss_only=False):
     spec = CASES[case]
     model = keras_dks.DKSModel(spec["backbone"](), num_classes=4, seed=3,
                                **spec["kwargs"])
@@ -92,7 +92,10 @@ def run_case(case):
                                  spec["kwargs"].get("label_smoothing", 0.0)),
         "logits": [z.tolist() for z in logits],
         "head_names": model.head_names,
+        "inference_params": int(model.inference_model().count_params()),
     }
+    if loss_only:
+        return out
     model.compile(optimizer=keras.optimizers.SGD(0.01), metrics=["accuracy"])
     hist = model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
     out["fit_logs"] = {k: float(v[-1]) for k, v in hist.history.items()}
@@ -113,7 +116,6 @@ def run_case(case):
     serving = model.inference_model()
     out["inference_matches"] = bool(np.allclose(
         keras.ops.convert_to_numpy(serving(x)), logits[0], atol=1e-5))
-    out["inference_params"] = int(serving.count_params())
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "m.keras")
         model.save(path)
@@ -125,31 +127,35 @@ def run_case(case):
     return out
 
 
-def run_data_parallel(devices):
+def run_data_parallel():
+    """The same two steps on one device, then on every device (DataParallel)."""
     import jax
 
-    if devices > 1:
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=jax.devices()[:devices]))
-    spec = CASES["wrn10_1"]
-    model = keras_dks.DKSModel(spec["backbone"](), num_classes=4, seed=3,
-                               weight_decay=5e-4)
-    set_weights_by_path(model)
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-    x, y = batch(spec["size"], n=16)
-    hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
-    return {
-        "devices": len(jax.devices()),
-        "loss": float(hist.history["loss"][-1]),
-        "weights": {v.path: np.asarray(keras.ops.convert_to_numpy(v)).tolist()
-                    for v in model.weights},
-    }
+    results = {"devices": len(jax.devices())}
+    for label, distribution in (
+        ("one", None),
+        ("all", keras.distribution.DataParallel(devices=jax.devices())),
+    ):
+        keras.distribution.set_distribution(distribution)
+        spec = CASES["wrn10_1"]
+        model = keras_dks.DKSModel(spec["backbone"](), num_classes=4, seed=3,
+                                   weight_decay=5e-4)
+        set_weights_by_path(model)
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        x, y = batch(spec["size"], n=16)
+        hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        results[label] = {
+            "loss": float(hist.history["loss"][-1]),
+            "weights": {v.path: np.asarray(keras.ops.convert_to_numpy(v)).tolist()
+                        for v in model.weights},
+        }
+    return results
 
 
 if __name__ == "__main__":
     target = sys.argv[1]
     if "--data-parallel" in sys.argv:
-        result = run_data_parallel(int(sys.argv[sys.argv.index("--data-parallel") + 1]))
+        result = run_data_parallel()
     else:
         result = {"backend": keras.backend.backend()}
         for case in sys.argv[2:] or sorted(CASES):

@@ -553,7 +553,7 @@ def test_nan_image_skips_the_step_and_stops_training():
     h = model.fit(x, y, batch_size=4, epochs=3, verbose=0, shuffle=False,
                   callbacks=[stop])
     assert all(np.isfinite(w).all() for w in model.get_weights())
-    assert stop.message is not None and "Non-finite gradients" in stop.message
+    assert stop.message is not None and "the step was skipped" in stop.message
     assert "epoch 1, batch 3" in stop.message, stop.message
     assert stop.step == 2 + 3  # two earlier steps + three steps of this fit
     assert len(h.history["loss"]) == 1  # stopped in the first epoch
