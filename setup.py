@@ -52,7 +52,8 @@ setup(
         "tensorflow-datasets",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "numpy"],
+        "test": ["pytest>=7", "matplotlib", "numpy", "scipy"],
+        "benchmarks": ["matplotlib", "scipy"],
         "plots": ["matplotlib"],
         "cv": ["keras-cv>=0.9"],
         "hub": ["keras-hub>=0.20"],
