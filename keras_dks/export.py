@@ -303,11 +303,12 @@ def export_saved_model(
 
     Shape of `images`: `(None,) + model input shape` without preprocessing.
     With preprocessing the spatial dimensions are left free,
-    `(None, None, None, C)`, and the preprocessed images must have the
-    model's input size: a request whose images come out of the preprocessing
-    at another size fails (`INVALID_ARGUMENT` naming the expected size),
-    even for a model whose layers would run at that size. Include a
-    `keras.layers.Resizing(H, W)` to serve images of any size.
+    `(None, None, None, C)`. Either way the images (after preprocessing)
+    must have the model's input size: a request of another size fails
+    (`INVALID_ARGUMENT` naming the expected size), even for a model whose
+    layers would run at that size (TF Serving does not enforce the
+    signature's shape by itself). Include a `keras.layers.Resizing(H, W)`
+    preprocessing to serve images of any size.
 
     The version is written to a temporary folder beside the target and
     renamed into place only once complete, so TF Serving (which polls
@@ -403,7 +404,9 @@ def export_saved_model(
         x = tf.cast(images, tf.float32)
         if preprocessing is not None:
             x = preprocessing(x)
-            x = _check_image_size(x, model_shape)
+        # Neither a signature nor TF Serving checks the shape of a request
+        # against the signature's input spec: check it here.
+        x = _check_image_size(x, model_shape)
         # Cast: under mixed precision the logits may be float16/bfloat16,
         # and clients expect float32 whatever the training policy was.
         logits = tf.cast(network(x, training=False), tf.float32)
@@ -460,11 +463,13 @@ def export_saved_model(
 
 
 def _check_image_size(x, model_shape):
-    """Fail the request when preprocessed images do not fit the model.
+    """Fail the request when (preprocessed) images do not fit the model.
 
     A Keras functional model runs on inputs of another height / width when
     its layers allow it (convolutions + global pooling do), silently giving
-    predictions for a size it was not trained on. Serving refuses that.
+    predictions for a size it was not trained on; and a SavedModel
+    signature does not enforce the static shape of its input spec on a
+    request. Serving refuses such images instead.
     """
     expected = [d for d in model_shape[1:]]
     if all(d is None for d in expected):
@@ -475,7 +480,7 @@ def _check_image_size(x, model_shape):
             actual[i],
             tf.constant(d, actual.dtype),
             message=(
-                f"images have the wrong size after preprocessing: the model takes "
+                f"images have the wrong size (after preprocessing): the model takes "
                 f"{tuple(model_shape[1:])} (height, width, channels); send images "
                 "of that size or export with a keras.layers.Resizing preprocessing. "
                 f"Axis {i + 1} differs"
