@@ -868,16 +868,3 @@ def test_cli_bad_input_is_one_line(tmp_path, saved_dks, capsys):
         assert "Traceback" not in err and out == ""
         assert len([line for line in err.splitlines() if "error: " in line]) == 1
     assert sorted(os.listdir(tmp_path)) == ["broken.keras"]
-
-
-def test_cli_missing_model_exits_without_traceback(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-        [sys.executable, "-m", "keras_dks.export", "--model", "nope.keras",
-         "--export_base", "out"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "error: no model file at 'nope.keras'" in result.stderr
-    assert not os.path.exists(tmp_path / "out")
