@@ -119,12 +119,16 @@ def export_inference(
 
     Example:
     ```python
-    import numpy as np, keras, keras_dks
-    model = keras_dks.DKSModel(backbone, num_classes=10)   # trained
-    model.export("model.onnx", format="onnx")
-    import onnxruntime
-    session = onnxruntime.InferenceSession("model.onnx")
-    logits = session.run(None, {"images": images.astype("float32")})[0]
+    import numpy as np, keras, keras_dks, onnxruntime
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="s1")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="s2")(x)
+    model = keras_dks.DKSModel(keras.Model(inputs, x), num_classes=5, taps=["s1"])
+    model.export("/tmp/dks.onnx", format="onnx")   # = export_inference(model, ...)
+    images = np.random.rand(2, 16, 16, 3).astype("float32")
+    session = onnxruntime.InferenceSession("/tmp/dks.onnx")
+    logits = session.run(None, {"images": images})[0]   # (2, 5)
     ```
     """
     if keras.backend.backend() != "tensorflow":
@@ -169,9 +173,8 @@ def export_inference(
     if format == "tf_saved_model":
         _write_keras_saved_model(network, filepath, input_signature, verbose, kwargs)
     else:
-        if format != "litert":
-            parent = os.path.dirname(os.path.abspath(filepath))
-            os.makedirs(parent, exist_ok=True)
+        # The converters open the file directly: create its folder.
+        os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
         network.export(
             filepath,
             format=format,
