@@ -50,6 +50,9 @@ setup(
         "keras>=3.8",
         "absl-py",
         "tensorflow-datasets",
+        # tensorflow-datasets 4.9.10 imports it when preparing a dataset but
+        # declares it for Python < 3.9 only (tensorflow/datasets#11212).
+        "importlib_resources",
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib", "numpy"],

@@ -253,6 +253,98 @@ def test_imagenet_keras_cv_crop():
 # ---------------------------------------------------------------------------
 # TFDS and throughput
 # ---------------------------------------------------------------------------
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
+
+
+def write_cifar100_archive(path, splits):
+    """A tar.gz in CIFAR-100's binary format (independent of TFDS).
+
+    Each record: coarse label byte, fine label byte, then 3072 bytes: the
+    red, green and blue 32x32 planes, each row-major.
+    """
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(f"cifar-100-binary/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for name, (images, fine, coarse) in splits.items():
+            records = [
+                bytes([c, f]) + image.transpose(2, 0, 1).tobytes()
+                for image, f, c in zip(images, fine, coarse)
+            ]
+            add(f"{name}.bin", b"".join(records))
+        add("fine_label_names.txt", "\n".join(f"fine{k}" for k in range(100)).encode())
+        add("coarse_label_names.txt", "\n".join(f"coarse{k}" for k in range(20)).encode())
+
+
+def cache_cifar100_download(data_dir, n_train=6, n_test=4, seed=0):
+    """Put a tiny CIFAR-100 archive where TFDS keeps a finished download.
+
+    TFDS validates the checksum of every archive it downloads or finds in
+    `manual_dir`, so a tiny archive can only enter as a download TFDS made
+    earlier: `<data_dir>/downloads/cifar100/<name from URL and registered
+    checksum>` plus its `.INFO` file. Everything after (extraction, the
+    builder's parsing, writing and reading the records) is TFDS' real code.
+    """
+    import json
+
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import resource
+
+    rng = np.random.default_rng(seed)
+    splits = {
+        name: (
+            rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 100, n, dtype=np.uint8),
+            rng.integers(0, 20, n, dtype=np.uint8),
+        )
+        for name, n in (("train", n_train), ("test", n_test))
+    }
+    url_info = tfds.builder("cifar100").url_infos[CIFAR100_URL]
+    folder = os.path.join(data_dir, "downloads", "cifar100")
+    os.makedirs(folder)
+    path = os.path.join(folder, resource.get_dl_fname(CIFAR100_URL, url_info.checksum))
+    write_cifar100_archive(path, splits)
+    with open(path + ".INFO", "w") as f:
+        json.dump({"urls": [CIFAR100_URL], "dataset_names": ["cifar100"],
+                   "original_fname": "cifar-100-binary.tar.gz"}, f)
+    return splits
+
+
+def test_load_tfds_prepares_cifar100_from_a_real_archive(tmp_path):
+    # The real download_and_prepare -> as_dataset -> pipeline path, offline.
+    # Fails if a module TFDS needs on it is missing (importlib_resources in
+    # tfds 4.9.10, tensorflow/datasets#11212) or its API changes.
+    data_dir = str(tmp_path / "tfds")
+    splits = cache_cifar100_download(data_dir)
+    raw, info = pipelines.load_tfds("cifar100", "train", data_dir=data_dir)
+    assert pipelines.image_spec(info) == ((32, 32, 3), 100)
+    assert pipelines.num_examples(info, "train") == 6
+    assert info.features["label"].names[:2] == ["fine0", "fine1"]
+    # TFDS shuffles records when writing: match examples by their pixels.
+    images, fine, _ = splits["train"]
+    expected = {im.tobytes(): int(label) for im, label in zip(images, fine)}
+    got = {im.numpy().tobytes(): int(label) for im, label in raw}
+    assert got == expected
+    # Prepared: the test split reads without downloading, through the pipeline.
+    raw_test, _ = pipelines.load_tfds("cifar100", "test", data_dir=data_dir, download=False)
+    batches = list(cifar.make_dataset(raw_test, training=False, batch_size=3))
+    x = np.concatenate([b.numpy() for b, _ in batches])
+    y = np.concatenate([l.numpy() for _, l in batches])
+    assert x.shape == (4, 32, 32, 3) and y.dtype == np.int64
+    by_label = {}
+    for image, label in zip(*splits["test"][:2]):
+        by_label.setdefault(int(label), []).append(np_normalise(image))
+    for image, label in zip(x, y):
+        assert any(np.allclose(image, ref, atol=1e-5) for ref in by_label[int(label)])
+    train = cifar.make_dataset(raw, training=True, batch_size=4, seed=0)
+    assert next(iter(train))[0].shape == (4, 32, 32, 3)
+
+
 def test_load_tfds_mocked_cifar100(tmp_path):
     import tensorflow_datasets as tfds
 

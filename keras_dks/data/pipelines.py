@@ -71,6 +71,14 @@ def load_tfds(
     Returns:
         `(dataset, info)`.
 
+    Raises:
+        ValueError: unknown dataset name (with the closest names).
+        RuntimeError: preparation failed; the message names the cause (a
+            missing module, no network, a bad archive, missing manual
+            archives, an unwritable folder).
+        FileNotFoundError: `download=False` and no prepared data in
+            `data_dir`.
+
     Example:
     ```python
     train, info = load_tfds("cifar100", "train", shuffle_files=True)
@@ -78,32 +86,158 @@ def load_tfds(
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds_builder(name, data_dir)
     if download:
         try:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
             )
-        except Exception as e:  # offline, or missing manual archives
-            raise RuntimeError(
-                f"Could not prepare TFDS dataset {name!r} ({type(e).__name__}: {e}). "
-                "Without internet access, pass --data_dir pointing to prepared "
-                "TFDS data (or --manual_dir holding the archives for manual "
-                "datasets such as imagenet2012)."
-            ) from e
+        except Exception as e:
+            raise RuntimeError(preparation_error(name, builder, e, manual_dir)) from e
     decoders = None
     image_key = builder.info.supervised_keys[0]
     feature = builder.info.features[image_key]
     if not decode_images and getattr(feature, "encoding_format", None) == "jpeg":
         decoders = {image_key: tfds.decode.SkipDecoding()}
-    dataset = builder.as_dataset(
-        split=split,
-        as_supervised=True,
-        shuffle_files=shuffle_files,
-        decoders=decoders,
-        read_config=tfds.ReadConfig(shuffle_seed=seed),
-    )
+    try:
+        dataset = builder.as_dataset(
+            split=split,
+            as_supervised=True,
+            shuffle_files=shuffle_files,
+            decoders=decoders,
+            read_config=tfds.ReadConfig(shuffle_seed=seed),
+        )
+    except AssertionError as e:  # TFDS' "could not find data in ..."
+        if "could not find data" not in str(e):
+            raise
+        raise FileNotFoundError(
+            f"No prepared TFDS data for {name!r} in {builder.data_dir}: pass the "
+            "data_dir (--data_dir) that holds it, or let TFDS download and "
+            "prepare it (download=True, --download)."
+        ) from e
     return dataset, builder.info
+
+
+def tfds_builder(name, data_dir=None):
+    """`tfds.builder(name, data_dir)`, with close names for an unknown one.
+
+    TFDS lists its ~1000 dataset names when a name is unknown; this names
+    the few closest instead.
+
+    Args:
+        name: TFDS name, optionally with config and version
+            (`"imagenette/160px"`, `"cifar100:3.0.2"`).
+        data_dir: TFDS data folder (TFDS default if None).
+
+    Returns:
+        The `tfds.core.DatasetBuilder` (nothing is downloaded or read).
+
+    Raises:
+        ValueError: unknown dataset name.
+
+    Example:
+    ```python
+    builder = tfds_builder("cifar100")
+    builder.info.features["image"].shape   # (32, 32, 3)
+    ```
+    """
+    import difflib
+
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        base = name.split("/")[0].split(":")[0]
+        close = difflib.get_close_matches(base, tfds.list_builders(), n=4, cutoff=0.6)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown TFDS dataset {name!r}.{hint} All names: "
+            "tensorflow_datasets.list_builders()."
+        ) from e
+
+
+def _causes(error):
+    """`error` and the exceptions it was raised from, outermost first."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def preparation_error(name, builder, error, manual_dir=None):
+    """The message for a failed `download_and_prepare`, naming the cause.
+
+    A missing module, no network, a corrupt archive, missing manual archives
+    and an unwritable folder each get their own fix; anything else is
+    reported as it is, without guessing.
+    """
+    import errno
+
+    causes = _causes(error)
+    root = f"{type(error).__name__}: {error}"
+    for cause in causes:
+        if isinstance(cause, ImportError):
+            module = (cause.name or "").split(".")[0] or str(cause)
+            return (
+                f"Could not prepare TFDS dataset {name!r}: the Python module "
+                f"{module!r} that TFDS needs to prepare it is not installed "
+                f"({type(cause).__name__}: {cause}). Install it (pip install "
+                f"{module}), or reinstall keras-dks (pip install -e .), which "
+                "declares it."
+            )
+    for cause in causes:
+        if type(cause).__name__ == "NonMatchingChecksumError":
+            return (
+                f"Could not prepare TFDS dataset {name!r}: an archive has the wrong "
+                f"checksum (corrupt or partial download, or another file under "
+                f"the expected name). Delete it and retry. ({root})"
+            )
+    for cause in causes:
+        if _is_network_error(cause):
+            return (
+                f"Could not download TFDS dataset {name!r}: no connection to its "
+                f"server ({type(cause).__name__}: {cause}). Without internet "
+                "access, pass data_dir (--data_dir) pointing to TFDS data "
+                "prepared on another machine, or manual_dir holding the "
+                "dataset's downloaded archives."
+            )
+    for cause in causes:
+        if "Manual directory" in str(cause) or (
+            getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+            and isinstance(cause, AssertionError)
+        ):
+            return (
+                f"TFDS dataset {name!r} must be downloaded by hand: put its archives "
+                f"in a folder and pass it as manual_dir (--manual_dir); now "
+                f"{manual_dir or 'the default <data_dir>/downloads/manual'}. ({root})"
+            )
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in (
+            errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EPERM
+        ):
+            return (
+                f"Could not prepare TFDS dataset {name!r} in {builder.data_dir}: "
+                f"{cause.strerror or cause}. Pass a writable data_dir (--data_dir) "
+                "with enough space."
+            )
+    return f"Could not prepare TFDS dataset {name!r} in {builder.data_dir} ({root})."
+
+
+def _is_network_error(error):
+    import socket
+    import urllib.error
+
+    if isinstance(error, (socket.gaierror, socket.timeout, urllib.error.URLError,
+                          ConnectionError, TimeoutError)):
+        return True
+    # requests / urllib3 (what TFDS downloads with) without importing them.
+    module = type(error).__module__ or ""
+    return module.split(".")[0] in ("requests", "urllib3") and any(
+        word in type(error).__name__
+        for word in ("Connection", "Timeout", "MaxRetry", "NameResolution", "SSL", "Proxy")
+    )
 
 
 def num_examples(info, split, dataset=None):
