@@ -36,6 +36,109 @@ def normalize(image, mean, std):
     return (image - mean) / std
 
 
+def check_positive_int(value, name):
+    """Raise ValueError unless `value` is an integer >= 1 (batch sizes, steps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_statistics(mean, std, channels=None):
+    """Raise ValueError unless `mean`/`std` fit images of `channels` channels.
+
+    Normalising a 1-channel image with 3 means would broadcast it to 3
+    channels without an error, so the count is checked here.
+
+    Args:
+        mean, std: a scalar or one value per channel, on the [0, 1] scale.
+        channels: image channels (None: unknown, only `std > 0` is checked).
+
+    Example:
+    ```python
+    check_statistics((0.5, 0.5, 0.5), (0.25,) * 3, channels=3)
+    ```
+    """
+    for name, values in (("mean", mean), ("std", std)):
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim > 1 or not np.all(np.isfinite(values)):
+            raise ValueError(f"{name} must be a number or one number per channel, got {values}.")
+        n = values.size if values.ndim else 1
+        if channels is not None and n not in (1, channels):
+            raise ValueError(
+                f"{n} {name} values for images with {channels} channel(s): pass 1 or "
+                f"{channels} values (on the [0, 1] scale)."
+            )
+    if np.any(np.asarray(std, dtype=np.float64) <= 0):
+        raise ValueError(f"std must be > 0, got {std}.")
+    if np.any(np.asarray(mean, dtype=np.float64) > 1) or np.any(np.asarray(std, dtype=np.float64) > 1):
+        raise ValueError(
+            f"mean {mean} / std {std} look like 0-255 statistics; the pipelines "
+            "take them on the [0, 1] scale: divide by 255."
+        )
+
+
+def check_supervised_images(dataset, image_size=None):
+    """The image shape of an unbatched `(uint8 image, integer label)` dataset.
+
+    Catches the inputs that tf.data would turn into an obscure graph error
+    or silently into wrong values: dicts (TFDS without `as_supervised`),
+    batched data, float images (already scaled to [0, 1]: they would be
+    divided by 255 again), one-hot labels, and images of varying size
+    without `image_size`.
+
+    Args:
+        dataset: the `tf.data.Dataset` a pipeline is given.
+        image_size: the size the pipeline resizes to (None: none).
+
+    Returns:
+        The images' `tf.TensorShape` `(height, width, channels)`.
+
+    Raises:
+        ValueError: with what is wrong and how to fix it.
+
+    Example:
+    ```python
+    raw = tf.data.Dataset.from_tensor_slices((images_uint8, labels))
+    check_supervised_images(raw)   # TensorShape([32, 32, 3])
+    ```
+    """
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2) or not all(
+        isinstance(s, tf.TensorSpec) for s in spec
+    ):
+        raise ValueError(
+            "The dataset must yield (image, label) pairs of tensors, got elements "
+            f"{spec}. From TFDS, load with as_supervised=True (as "
+            "keras_dks.data.load_tfds does); from arrays, "
+            "tf.data.Dataset.from_tensor_slices((images, labels))."
+        )
+    image, label = spec
+    if image.shape.rank != 3:
+        raise ValueError(
+            f"Images must be unbatched (height, width, channels), got shape {image.shape}"
+            + (" (already batched? pass the dataset before .batch())" if image.shape.rank == 4
+               else " (add a channel axis: images[..., None])" if image.shape.rank == 2 else "")
+            + "."
+        )
+    if image.dtype != tf.uint8:
+        raise ValueError(
+            f"Images must be uint8 in [0, 255], got {image.dtype.name}: the pipeline "
+            "scales by 1/255 itself. Convert first, e.g. "
+            "tf.cast(tf.round(image * 255), tf.uint8) for images in [0, 1]."
+        )
+    if label.shape.rank != 0 or not (label.dtype.is_integer):
+        raise ValueError(
+            f"Labels must be integer class indices of shape (), got {label.dtype.name} "
+            f"{label.shape}" + (" (one-hot? use tf.argmax(label))" if label.shape.rank == 1 else "")
+            + "."
+        )
+    if not image_size and (image.shape[0] is None or image.shape[1] is None):
+        raise ValueError(
+            f"Images of varying size {image.shape}: pass image_size (--image_size) "
+            "to resize them to one size."
+        )
+    return image.shape
+
+
 def load_tfds(
     name,
     split,
