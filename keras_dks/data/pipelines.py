@@ -283,12 +283,13 @@ def preparation_error(name, builder, error, manual_dir=None):
     for cause in causes:
         if isinstance(cause, ImportError):
             module = (cause.name or "").split(".")[0] or str(cause)
+            declared = " (a dependency of keras-dks: reinstalling it installs it too)"
             return (
                 f"Could not prepare TFDS dataset {name!r}: the Python module "
                 f"{module!r} that TFDS needs to prepare it is not installed "
-                f"({type(cause).__name__}: {cause}). Install it (pip install "
-                f"{module}), or reinstall keras-dks (pip install -e .), which "
-                "declares it."
+                f"({type(cause).__name__}: {cause}). Install it: pip install "
+                f"{_PIP_NAMES.get(module, module)}"
+                f"{declared if module == 'importlib_resources' else ''}."
             )
     for cause in causes:
         if type(cause).__name__ == "NonMatchingChecksumError":
@@ -326,6 +327,11 @@ def preparation_error(name, builder, error, manual_dir=None):
                 "with enough space."
             )
     return f"Could not prepare TFDS dataset {name!r} in {builder.data_dir} ({root})."
+
+
+# Modules TFDS builders import whose pip package has another name.
+_PIP_NAMES = {"cv2": "opencv-python", "PIL": "pillow", "apache_beam": "apache-beam",
+              "skimage": "scikit-image", "sklearn": "scikit-learn"}
 
 
 def _is_network_error(error):
