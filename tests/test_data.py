@@ -566,5 +566,11 @@ def test_measure_throughput():
     speed = pipelines.measure_throughput(ds, steps=100, warmup=1)
     assert speed["steps"] == 4  # 5 batches, one of them warm-up: a finite dataset ends early
     assert speed["images_per_second"] > 0 and speed["steps_per_second"] > 0
+    # Shorter than the warm-up (a tiny smoke run): a second pass is timed,
+    # not 0 images/s reported.
+    short = pipelines.measure_throughput(ds.take(2), steps=50, warmup=5)
+    assert short["steps"] == 2 and short["images_per_second"] > 0
+    with pytest.raises(ValueError, match="no batches"):
+        pipelines.measure_throughput(ds.take(0), steps=5)
     assert pipelines.steps_per_epoch(50000, 128) == 391
     assert pipelines.steps_per_epoch(50000, 128, drop_remainder=True) == 390

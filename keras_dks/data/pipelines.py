@@ -391,7 +391,8 @@ def measure_throughput(dataset, steps=50, warmup=5):
     Args:
         dataset: a batched `tf.data.Dataset` of `(images, labels)` (or of
             images). A finite dataset may end early: then fewer steps are
-            timed.
+            timed; one that ends within the warm-up is timed on a second
+            pass.
         steps: batches to time.
         warmup: untimed batches first.
 
@@ -408,6 +409,9 @@ def measure_throughput(dataset, steps=50, warmup=5):
     iterator = iter(dataset)
     for _ in range(warmup):
         if next(iterator, None) is None:
+            # Shorter than the warm-up: time a second pass instead (it is
+            # warm now) rather than report 0 images/s.
+            iterator = iter(dataset)
             break
     images = timed = 0
     start = time.perf_counter()
@@ -419,6 +423,8 @@ def measure_throughput(dataset, steps=50, warmup=5):
         images += int(tf.nest.flatten(batch)[0].shape[0])
         timed += 1
     seconds = max(time.perf_counter() - start, 1e-9)
+    if not timed and steps > 0:
+        raise ValueError("measure_throughput: the dataset yields no batches.")
     return {
         "images_per_second": images / seconds,
         "steps_per_second": timed / seconds,
