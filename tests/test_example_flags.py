@@ -1,16 +1,20 @@
 """The examples check every flag before reading data or training.
 
-Each example runs in one subprocess (their absl flags share one registry):
-for every case the flags are parsed and the example's real `main` is
-called, with the data loaders replaced by a sentinel, so a case either
-stops with a usage error or reaches the data, and nothing in between.
+One subprocess runs both examples (absl flags live in one registry: the
+first example's flags are removed before the second is loaded): for every
+case the flags are parsed and the example's real `main` is called, with the
+data loaders replaced by a sentinel, so a case either stops with a usage
+error or reaches the data, and nothing in between.
 """
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 
 from keras_dks.methods import METHODS
@@ -22,8 +26,6 @@ _RUNNER = textwrap.dedent(
     """
     import contextlib, io, json, runpy, sys
     from absl import app, flags
-    script, cases = sys.argv[1], json.loads(sys.argv[2])
-    module = runpy.run_path(script, run_name="example")
     from keras_dks.data import fashion_mnist, pipelines
 
     class ReachedData(Exception):
@@ -33,53 +35,52 @@ _RUNNER = textwrap.dedent(
         raise ReachedData()
 
     fashion_mnist.load_data = pipelines.load_tfds = reached
-    results = []
-    for args in cases:
-        flags.FLAGS.unparse_flags()
-        out = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(out):
-                flags.FLAGS([script] + args)
-                module["main"]([script])
-            results.append(["finished", out.getvalue()])
-        except ReachedData:
-            results.append(["data", out.getvalue()])
-        except app.UsageError as e:
-            results.append(["usage", str(e)])
-        except flags.Error as e:  # absl's own parsing (types, enums)
-            results.append(["flags", str(e)])
+    results = {}
+    for script, cases in json.loads(sys.argv[1]):
+        for flag in flags.FLAGS.get_flags_for_module("example"):
+            delattr(flags.FLAGS, flag.name)
+        module = runpy.run_path(script, run_name="example")
+        results[script] = []
+        for args in cases:
+            flags.FLAGS.unparse_flags()
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    flags.FLAGS([script] + args)
+                    module["main"]([script])
+                outcome = ["finished", out.getvalue()]
+            except ReachedData:
+                outcome = ["data", out.getvalue()]
+            except app.UsageError as e:
+                outcome = ["usage", str(e)]
+            except flags.Error as e:  # absl's own parsing (types, enums)
+                outcome = ["flags", str(e)]
+            results[script].append(outcome)
     print("RESULTS " + json.dumps(results))
     """
 )
 
 
-def run_cases(script, cases):
+def run_cases(jobs):
+    """jobs: [(script, [args, ...])] -> {script: [(outcome, message), ...]}."""
+    jobs = [(os.path.join(EXAMPLES, script), cases) for script, cases in jobs]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
     proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER, os.path.join(EXAMPLES, script), json.dumps(cases)],
+        [sys.executable, "-c", _RUNNER, json.dumps(jobs)],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
     )
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[0][len("RESULTS "):])
+    results = json.loads(lines[0][len("RESULTS "):])
+    return {os.path.basename(path): outcomes for path, outcomes in results.items()}
 
 
-def check(script, cases):
-    """cases: (args, expected outcome, regexes the message must contain)."""
-    import re
-
-    results = run_cases(script, [args for args, _, _ in cases])
-    for (args, outcome, patterns), (got, message) in zip(cases, results):
-        assert got == outcome, f"{script} {args}: {got} {message}"
-        for pattern in patterns:
-            assert re.search(pattern, message, re.S), f"{script} {args}: {message!r} lacks {pattern!r}"
-
-
-def test_fashion_mnist_flags_checked_before_data(tmp_path):
+def fashion_mnist_cases(tmp_path):
+    """(args, expected outcome, regexes the message must contain)."""
     a_file = tmp_path / "file"
     a_file.write_text("")
     every = ",".join(METHODS)
-    check("fashion_mnist.py", [
+    return [
         # Issue 15: trained the baseline, then failed naming 4 of 5 methods.
         (["--methods", "baseline,bogus"], "usage", ["'bogus'", ", ".join(METHODS)]),
         (["--methods", ""], "usage", ["--methods is empty"]),
@@ -105,14 +106,14 @@ def test_fashion_mnist_flags_checked_before_data(tmp_path):
         # Valid flags reach the data.
         ([], "data", []),
         (["--methods", every, "--epochs", "2", "--model_dir", str(tmp_path)], "data", []),
-    ])
+    ]
 
 
-def test_cifar100_wrn_flags_checked_before_data(tmp_path):
+def cifar100_wrn_cases(tmp_path):
     a_file = tmp_path / "file"
     a_file.write_text("")
     tfds = ["--data_dir", str(tmp_path / "tfds")]
-    check("cifar100_wrn.py", [(args + tfds, outcome, patterns) for args, outcome, patterns in [
+    cases = [
         (["--method", "bogus"], "flags", ["srdl"]),
         (["--depth", "27"], "usage", ["6n \\+ 4"]),
         (["--width", "0"], "usage", ["--width must be >= 1"]),
@@ -145,5 +146,28 @@ def test_cifar100_wrn_flags_checked_before_data(tmp_path):
         (["--method", "srdl", "--epochs", "2"], "data", []),
         (["--dataset", "mnist", "--mean", "33", "--std", "78"], "data", []),
         (["--dataset", "imagenette/160px", "--image_size", "32"], "data", []),
-    ]])
+    ]
+    return [(args + tfds, outcome, patterns) for args, outcome, patterns in cases]
 
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flags")
+    cases = {"fashion_mnist.py": fashion_mnist_cases(tmp), "cifar100_wrn.py": cifar100_wrn_cases(tmp)}
+    results = run_cases([(script, [args for args, _, _ in c]) for script, c in cases.items()])
+    return {script: list(zip(cases[script], results[script])) for script in cases}
+
+
+def check(pairs, script):
+    for (args, outcome, patterns), (got, message) in pairs:
+        assert got == outcome, f"{script} {args}: {got} {message}"
+        for pattern in patterns:
+            assert re.search(pattern, message, re.S), f"{script} {args}: {message!r} lacks {pattern!r}"
+
+
+def test_fashion_mnist_flags_checked_before_data(outcomes):
+    check(outcomes["fashion_mnist.py"], "fashion_mnist.py")
+
+
+def test_cifar100_wrn_flags_checked_before_data(outcomes):
+    check(outcomes["cifar100_wrn.py"], "cifar100_wrn.py")
