@@ -430,7 +430,7 @@ def cache_cifar100_download(data_dir, n_train=6, n_test=4, seed=0):
         )
         for name, n in (("train", n_train), ("test", n_test))
     }
-    url_info = tfds.builder("cifar100").url_infos[CIFAR100_URL]
+    url_info = tfds.builder_cls("cifar100").url_infos[CIFAR100_URL]
     folder = os.path.join(data_dir, "downloads", "cifar100")
     os.makedirs(folder)
     path = os.path.join(folder, resource.get_dl_fname(CIFAR100_URL, url_info.checksum))
