@@ -53,6 +53,9 @@ setup(
         # TensorFlow >= 2.21 no longer pulls TensorBoard in; the training
         # recipe's TensorBoard logs need it.
         "tensorboard>=2.16",
+        # tensorflow-datasets 4.9.10 imports it when preparing a dataset but
+        # declares it for Python < 3.9 only (tensorflow/datasets#11212).
+        "importlib_resources",
     ],
     extras_require={
         "test": ["pytest>=7", "matplotlib", "numpy", "scipy"],

@@ -128,8 +128,108 @@ def load_data():
     return train_ds, test_ds, extraction_ds, steps, shape, num_classes, mean, std
 
 
+def validate_flags():
+    """Check every flag, and the dataset's name and image spec, before any work.
+
+    Reads only the TFDS builder's metadata (no download, no TensorFlow
+    work, so a multi-worker strategy can still start afterwards).
+
+    Raises:
+        app.UsageError: listing each bad flag and what it accepts.
+    """
+    from keras_dks.data import pipelines
+    from keras_dks.methods import METHODS
+
+    errors = []
+    if FLAGS.method not in METHODS:
+        errors.append(f"--method {FLAGS.method!r} is unknown; the methods are {', '.join(METHODS)}.")
+    if FLAGS.depth < 10 or (FLAGS.depth - 4) % 6:
+        errors.append(f"--depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {FLAGS.depth}.")
+    for name in ("width", "epochs", "batch_size", "validation_freq"):
+        if getattr(FLAGS, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}.")
+    if FLAGS.method == "srdl" and FLAGS.epochs % 2:
+        errors.append(f"--epochs must be even with srdl (two stages of epochs/2), got {FLAGS.epochs}.")
+    for name in ("train_examples", "image_size", "steps_per_epoch", "eval_steps", "benchmark_steps"):
+        if getattr(FLAGS, name) < 0:
+            errors.append(f"--{name} must be >= 0 (0: off), got {getattr(FLAGS, name)}.")
+    if not 0 <= FLAGS.dropout < 1:
+        errors.append(f"--dropout must be in [0, 1), got {FLAGS.dropout}.")
+    if not FLAGS.lr > 0 or not FLAGS.lr_decay > 0:
+        errors.append(f"--lr and --lr_decay must be > 0, got {FLAGS.lr} and {FLAGS.lr_decay}.")
+    if not 0 <= FLAGS.momentum < 1:
+        errors.append(f"--momentum must be in [0, 1), got {FLAGS.momentum}.")
+    if FLAGS.weight_decay < 0:
+        errors.append(f"--weight_decay must be >= 0, got {FLAGS.weight_decay}.")
+    if FLAGS.verbose not in (0, 1, 2):
+        errors.append(f"--verbose must be 0, 1 or 2, got {FLAGS.verbose}.")
+    try:
+        boundaries = [float(b) for b in FLAGS.lr_boundaries]
+    except ValueError:
+        errors.append(f"--lr_boundaries must be epochs (numbers), got {','.join(FLAGS.lr_boundaries)}.")
+    else:
+        if any(b < 0 for b in boundaries) or boundaries != sorted(boundaries):
+            errors.append(f"--lr_boundaries must be increasing epochs >= 0, got "
+                          f"{','.join(FLAGS.lr_boundaries)}.")
+        elif boundaries and boundaries[-1] >= FLAGS.epochs:
+            print(f"Warning: --lr_boundaries {','.join(FLAGS.lr_boundaries)} reach --epochs "
+                  f"{FLAGS.epochs}: the later decays never happen (scale them with --epochs).")
+    stats = {}
+    for name in ("mean", "std"):
+        try:
+            stats[name] = [float(v) for v in getattr(FLAGS, name)]
+        except ValueError:
+            errors.append(f"--{name} must be numbers, got {','.join(getattr(FLAGS, name))}.")
+    if "std" in stats and any(not v > 0 for v in stats["std"]):
+        errors.append(f"--std must be > 0, got {','.join(FLAGS.std)}.")
+    if len(stats) == 2 and max(stats["mean"] + stats["std"]) <= 1:
+        errors.append(f"--mean {','.join(FLAGS.mean)} / --std {','.join(FLAGS.std)} look like [0, 1] "
+                      "statistics; these flags take the 0-255 scale (e.g. 125.3 / 63.0): "
+                      "multiply by 255.")
+    if FLAGS.train_examples and "[" in FLAGS.train_split:
+        errors.append(f"--train_split {FLAGS.train_split} is already a slice: drop --train_examples "
+                      "or the slice.")
+    for name in ("model_dir", "export_dir"):
+        if getattr(FLAGS, name) and os.path.isfile(getattr(FLAGS, name)):
+            errors.append(f"--{name} {getattr(FLAGS, name)} is a file: pass a folder.")
+    try:
+        builder = pipelines.tfds_builder(FLAGS.dataset, FLAGS.data_dir)
+    except ValueError as e:
+        errors.append(f"--dataset: {e}")
+    else:
+        errors += _dataset_errors(builder, stats)
+    if errors:
+        raise app.UsageError("\n".join(errors))
+
+
+def _dataset_errors(builder, stats):
+    """What the dataset's metadata rules out: no labels, varying sizes, channels."""
+    info = builder.info
+    keys = info.supervised_keys
+    if not keys or len(keys) != 2:
+        return [f"--dataset {FLAGS.dataset} has no (image, label) supervised keys: pass an image "
+                "classification dataset."]
+    image, label = info.features[keys[0]], info.features[keys[1]]
+    shape = tuple(getattr(image, "shape", ()) or ())
+    if len(shape) != 3 or not hasattr(label, "num_classes"):
+        return [f"--dataset {FLAGS.dataset} is not an image classification dataset (image "
+                f"{shape}, label {type(label).__name__})."]
+    errors = []
+    if None in shape[:2] and not FLAGS.image_size:
+        errors.append(f"--dataset {FLAGS.dataset} has images of varying size {shape}: pass "
+                      "--image_size.")
+    channels = shape[-1]
+    for name, values in stats.items():
+        if channels and len(values) not in (1, channels):
+            errors.append(f"--{name} has {len(values)} values; {FLAGS.dataset} images have "
+                          f"{channels} channel(s): pass " + ("1." if channels == 1 else
+                                                             f"1 or {channels}."))
+    return errors
+
+
 def main(argv):
     del argv
+    validate_flags()
     import keras
     from keras_dks import backbones, recipes
 

@@ -110,6 +110,84 @@ def test_fashion_pipeline_shapes_and_normalisation():
     assert len(sub_x) == 3 and fashion_mnist.subset(x, y, 0)[0] is x
 
 
+def test_read_idx_rejects_truncated_header(tmp_path):
+    write_idx(tmp_path / "img", np.zeros((2, 3, 3), np.uint8), compress=False)
+    (tmp_path / "img").write_bytes((tmp_path / "img").read_bytes()[:9])
+    with pytest.raises(ValueError, match="truncated IDX file"):
+        fashion_mnist.read_idx(tmp_path / "img")
+
+
+def test_load_data_names_a_wrong_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*dataset-fashion-mnist"):
+        fashion_mnist.load_data(str(tmp_path / "nowhere"))
+    write_fashion_dir(tmp_path)
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        fashion_mnist.load_data(str(tmp_path / "train-images-idx3-ubyte.gz"))
+    # The parent folder: names the missing files.
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        fashion_mnist.load_data(str(tmp_path.parent))
+
+
+def test_load_data_rejects_files_of_another_dataset(tmp_path):
+    write_fashion_dir(tmp_path)
+    # CIFAR-like 32x32 images under Fashion-MNIST's names.
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((12, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="28x28: not the Fashion-MNIST files"):
+        fashion_mnist.load_data(str(tmp_path))
+    write_fashion_dir(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(6, dtype=np.uint8) * 20)
+    with pytest.raises(ValueError, match="labels in \\[0, 100\\].*10 classes"):
+        fashion_mnist.load_data(str(tmp_path))
+    # Images and labels swapped.
+    write_fashion_dir(tmp_path)
+    os.replace(tmp_path / "t10k-labels-idx1-ubyte.gz", tmp_path / "x.gz")
+    os.replace(tmp_path / "t10k-images-idx3-ubyte.gz", tmp_path / "t10k-labels-idx1-ubyte.gz")
+    os.replace(tmp_path / "x.gz", tmp_path / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(ValueError, match="do not form an"):
+        fashion_mnist.load_data(str(tmp_path))
+
+
+def test_load_data_offline_fallback_names_the_fix(monkeypatch):
+    import keras
+
+    def offline():
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", "/nonexistent/fashion-mnist")
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(RuntimeError, match="apt-get install dataset-fashion-mnist.*--data_dir"):
+        fashion_mnist.load_data()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        pytest.param(lambda x, y: (x.astype("float32") / 255, y), "uint8 in \\[0, 255\\]", id="float_images"),
+        pytest.param(lambda x, y: (x[..., None].repeat(3, -1), y), "grayscale", id="rgb_images"),
+        pytest.param(lambda x, y: (x, y[:-1]), "one integer label per image", id="label_count"),
+        pytest.param(lambda x, y: (x, np.eye(10)[y]), "one-hot", id="one_hot_labels"),
+        pytest.param(lambda x, y: (x, y + 10), "classes 0-9", id="labels_out_of_range"),
+        pytest.param(lambda x, y: (x, y - 1.5), "classes 0-9", id="float_labels"),
+        pytest.param(lambda x, y: (x[:0], y[:0]), "one integer label per image", id="no_examples"),
+    ],
+)
+def test_fashion_pipeline_rejects_bad_arrays(change, message):
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8), np.arange(4) % 10
+    with pytest.raises(ValueError, match=message):
+        fashion_mnist.make_dataset(*change(x, y), training=True, batch_size=2)
+
+
+def test_fashion_pipeline_rejects_bad_sizes():
+    x, y = np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        fashion_mnist.make_dataset(x, y, training=False, batch_size=0)
+    with pytest.raises(ValueError, match="padding 28 does not fit 28x28"):
+        fashion_mnist.make_dataset(x, y, training=True, batch_size=2, padding=28)
+    with pytest.raises(ValueError, match="subset size must be >= 0"):
+        fashion_mnist.subset(x, y, -1)
+
+
 # ---------------------------------------------------------------------------
 # CIFAR pipeline
 # ---------------------------------------------------------------------------
@@ -187,6 +265,54 @@ def test_cifar_resize_for_other_image_sizes():
     assert next(iter(ds))[0].shape == (4, 32, 32, 1)
 
 
+def _raw(images, labels):
+    return tf.data.Dataset.from_tensor_slices((images, labels))
+
+
+@pytest.mark.parametrize(
+    "dataset, kwargs, message",
+    [
+        # TFDS without as_supervised: a dict per example.
+        pytest.param(lambda x, y: tf.data.Dataset.from_tensor_slices({"image": x, "label": y}),
+                     {}, "as_supervised=True", id="dict_elements"),
+        pytest.param(lambda x, y: _raw(x, y).batch(4), {}, "already batched", id="batched"),
+        # Already scaled to [0, 1]: would be divided by 255 a second time.
+        pytest.param(lambda x, y: _raw(x.astype("float32") / 255, y), {}, "uint8 in \\[0, 255\\]",
+                     id="float_images"),
+        pytest.param(lambda x, y: _raw(x, np.eye(100)[y]), {}, "one-hot", id="one_hot_labels"),
+        pytest.param(lambda x, y: _raw(x, y.astype("float32")), {}, "integer class indices",
+                     id="float_labels"),
+        # Grayscale data with the 3-channel CIFAR statistics would come out
+        # as 3 channels.
+        pytest.param(lambda x, y: _raw(x[..., :1], y), {},
+                     "3 mean values for images with 1 channel", id="stats_channels"),
+        pytest.param(lambda x, y: _raw(x, y), dict(mean=(125.3, 123.0, 113.9)),
+                     "0-255 statistics", id="stats_0_255"),
+        pytest.param(lambda x, y: _raw(x, y), dict(std=(0.2, 0.0, 0.2)), "std must be > 0",
+                     id="zero_std"),
+        pytest.param(lambda x, y: _raw(x, y), dict(padding=32), "padding 32 does not fit 32x32",
+                     id="padding"),
+        pytest.param(lambda x, y: _raw(x, y), dict(batch_size=0), "batch_size must be a positive",
+                     id="batch_size_0"),
+        pytest.param(lambda x, y: _raw(x, y), dict(batch_size=2.5),
+                     "batch_size must be a positive", id="batch_size_float"),
+    ],
+)
+def test_cifar_pipeline_rejects_bad_inputs(dataset, kwargs, message):
+    x, y = cifar_like(n=4)
+    kwargs = dict(dict(training=True, batch_size=2), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        cifar.make_dataset(dataset(x, y), **kwargs)
+
+
+def test_cifar_pipeline_varying_sizes_need_image_size():
+    raw, _ = varying_images([(40, 50), (36, 36)])
+    with pytest.raises(ValueError, match="varying size.*image_size"):
+        cifar.make_dataset(raw, training=False, batch_size=2)
+    ds = cifar.make_dataset(raw, training=True, batch_size=2, image_size=32)
+    assert next(iter(ds))[0].shape == (2, 32, 32, 3)
+
+
 # ---------------------------------------------------------------------------
 # ImageNet pipeline
 # ---------------------------------------------------------------------------
@@ -253,6 +379,98 @@ def test_imagenet_keras_cv_crop():
 # ---------------------------------------------------------------------------
 # TFDS and throughput
 # ---------------------------------------------------------------------------
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
+
+
+def write_cifar100_archive(path, splits):
+    """A tar.gz in CIFAR-100's binary format (independent of TFDS).
+
+    Each record: coarse label byte, fine label byte, then 3072 bytes: the
+    red, green and blue 32x32 planes, each row-major.
+    """
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(f"cifar-100-binary/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+        for name, (images, fine, coarse) in splits.items():
+            records = [
+                bytes([c, f]) + image.transpose(2, 0, 1).tobytes()
+                for image, f, c in zip(images, fine, coarse)
+            ]
+            add(f"{name}.bin", b"".join(records))
+        add("fine_label_names.txt", "\n".join(f"fine{k}" for k in range(100)).encode())
+        add("coarse_label_names.txt", "\n".join(f"coarse{k}" for k in range(20)).encode())
+
+
+def cache_cifar100_download(data_dir, n_train=6, n_test=4, seed=0):
+    """Put a tiny CIFAR-100 archive where TFDS keeps a finished download.
+
+    TFDS validates the checksum of every archive it downloads or finds in
+    `manual_dir`, so a tiny archive can only enter as a download TFDS made
+    earlier: `<data_dir>/downloads/cifar100/<name from URL and registered
+    checksum>` plus its `.INFO` file. Everything after (extraction, the
+    builder's parsing, writing and reading the records) is TFDS' real code.
+    """
+    import json
+
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import resource
+
+    rng = np.random.default_rng(seed)
+    splits = {
+        name: (
+            rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+            rng.integers(0, 100, n, dtype=np.uint8),
+            rng.integers(0, 20, n, dtype=np.uint8),
+        )
+        for name, n in (("train", n_train), ("test", n_test))
+    }
+    url_info = tfds.builder_cls("cifar100").url_infos[CIFAR100_URL]
+    folder = os.path.join(data_dir, "downloads", "cifar100")
+    os.makedirs(folder)
+    path = os.path.join(folder, resource.get_dl_fname(CIFAR100_URL, url_info.checksum))
+    write_cifar100_archive(path, splits)
+    with open(path + ".INFO", "w") as f:
+        json.dump({"urls": [CIFAR100_URL], "dataset_names": ["cifar100"],
+                   "original_fname": "cifar-100-binary.tar.gz"}, f)
+    return splits
+
+
+def test_load_tfds_prepares_cifar100_from_a_real_archive(tmp_path):
+    # The real download_and_prepare -> as_dataset -> pipeline path, offline.
+    # Fails if a module TFDS needs on it is missing (importlib_resources in
+    # tfds 4.9.10, tensorflow/datasets#11212) or its API changes.
+    data_dir = str(tmp_path / "tfds")
+    splits = cache_cifar100_download(data_dir)
+    raw, info = pipelines.load_tfds("cifar100", "train", data_dir=data_dir)
+    assert pipelines.image_spec(info) == ((32, 32, 3), 100)
+    assert pipelines.num_examples(info, "train") == 6
+    assert info.features["label"].names[:2] == ["fine0", "fine1"]
+    # TFDS shuffles records when writing: match examples by their pixels.
+    images, fine, _ = splits["train"]
+    expected = {im.tobytes(): int(label) for im, label in zip(images, fine)}
+    got = {im.numpy().tobytes(): int(label) for im, label in raw}
+    assert got == expected
+    # Prepared: the test split reads without downloading, through the pipeline.
+    raw_test, _ = pipelines.load_tfds("cifar100", "test", data_dir=data_dir, download=False)
+    batches = list(cifar.make_dataset(raw_test, training=False, batch_size=3))
+    x = np.concatenate([b.numpy() for b, _ in batches])
+    y = np.concatenate([l.numpy() for _, l in batches])
+    assert x.shape == (4, 32, 32, 3) and y.dtype == np.int64
+    by_label = {}
+    for image, label in zip(*splits["test"][:2]):
+        by_label.setdefault(int(label), []).append(np_normalise(image))
+    for image, label in zip(x, y):
+        assert any(np.allclose(image, ref, atol=1e-5) for ref in by_label[int(label)])
+    train = cifar.make_dataset(raw, training=True, batch_size=4, seed=0)
+    assert next(iter(train))[0].shape == (4, 32, 32, 3)
+
+
 def test_load_tfds_mocked_cifar100(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -270,11 +488,89 @@ def test_load_tfds_mocked_cifar100(tmp_path):
         assert pipelines.image_spec(info)[1] == 1000
 
 
+def test_load_tfds_unknown_name_suggests_close_ones(tmp_path):
+    with pytest.raises(ValueError, match="Unknown TFDS dataset 'cifar1000'. Did you mean 'cifar100'"):
+        pipelines.load_tfds("cifar1000", "train", data_dir=str(tmp_path))
+
+
+def test_load_tfds_without_download_needs_prepared_data(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No prepared TFDS data for 'cifar10'.*--data_dir"):
+        pipelines.load_tfds("cifar10", "train", data_dir=str(tmp_path), download=False)
+
+
+def test_load_tfds_manual_dataset_without_archives(tmp_path):
+    # Real TFDS code: imagenet2012 stops at its empty manual folder.
+    (tmp_path / "manual").mkdir()
+    with pytest.raises(RuntimeError, match="must be downloaded by hand.*--manual_dir"):
+        pipelines.load_tfds("imagenet2012", "validation", data_dir=str(tmp_path),
+                            manual_dir=str(tmp_path / "manual"))
+
+
+def _offline_error():
+    # The chain TFDS raises offline (after its retries): requests'
+    # ConnectionError from urllib3's retries from the failed DNS look-up.
+    import socket
+
+    import requests
+
+    try:
+        raise socket.gaierror(-2, "Name or service not known")
+    except socket.gaierror as e:
+        try:
+            raise requests.exceptions.ConnectionError(
+                "HTTPSConnectionPool(host='www.cs.toronto.edu', port=443): Max retries exceeded"
+            ) from e
+        except requests.exceptions.ConnectionError as outer:
+            return outer
+
+
+def _checksum_error():
+    from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+    return NonMatchingChecksumError("Artifact ..., downloaded to ..., has wrong checksum")
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        pytest.param(lambda: ModuleNotFoundError("No module named 'importlib_resources'",
+                                                 name="importlib_resources"),
+                     "module 'importlib_resources'.*pip install importlib_resources",
+                     id="missing_module"),
+        pytest.param(_offline_error, "no connection.*--data_dir", id="offline"),
+        pytest.param(_checksum_error, "wrong checksum.*Delete it", id="bad_checksum"),
+        pytest.param(lambda: PermissionError(13, "Permission denied"),
+                     "Permission denied. Pass a writable data_dir", id="read_only"),
+        pytest.param(lambda: ValueError("something else"),
+                     "^Could not prepare TFDS dataset 'cifar100' in .*ValueError: something else",
+                     id="other"),
+    ],
+)
+def test_load_tfds_failed_preparation_names_the_cause(tmp_path, monkeypatch, error, message):
+    import tensorflow_datasets as tfds
+
+    def fail(self, *args, **kwargs):
+        raise error()
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+    with pytest.raises(RuntimeError, match=message) as info:
+        pipelines.load_tfds("cifar100", "train", data_dir=str(tmp_path))
+    if "connection" not in message:
+        # Only a network failure blames the network.
+        assert "internet" not in str(info.value)
+
+
 def test_measure_throughput():
     x, y = cifar_like(n=40)
     ds = cifar.make_dataset(tf.data.Dataset.from_tensor_slices((x, y)), training=True, batch_size=8)
     speed = pipelines.measure_throughput(ds, steps=100, warmup=1)
     assert speed["steps"] == 4  # 5 batches, one of them warm-up: a finite dataset ends early
     assert speed["images_per_second"] > 0 and speed["steps_per_second"] > 0
+    # Shorter than the warm-up (a tiny smoke run): a second pass is timed,
+    # not 0 images/s reported.
+    short = pipelines.measure_throughput(ds.take(2), steps=50, warmup=5)
+    assert short["steps"] == 2 and short["images_per_second"] > 0
+    with pytest.raises(ValueError, match="no batches"):
+        pipelines.measure_throughput(ds.take(0), steps=5)
     assert pipelines.steps_per_epoch(50000, 128) == 391
     assert pipelines.steps_per_epoch(50000, 128, drop_remainder=True) == 390
