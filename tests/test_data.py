@@ -289,6 +289,20 @@ def test_imagenet_simple_training_augmentation_is_the_papers():
     assert len(offsets) > 6 and {flip for *_, flip in found} == {False, True}
 
 
+def test_imagenet_augmentation_per_architecture_is_the_papers():
+    # DKS paper 4.2: "we train ResNet-18 and ResNet-50 with a simple data
+    # augmentation method, and train ResNet-152 with a more aggressive data
+    # augmentation method as in [41]".
+    assert imagenet.paper_augmentation(18) == "simple"
+    assert imagenet.paper_augmentation(50) == "simple"
+    assert imagenet.paper_augmentation(152) == "random_resized"
+    # Inception-style box distribution of the aggressive one.
+    assert imagenet.AREA_RANGE == (0.08, 1.0)
+    assert imagenet.ASPECT_RATIO_RANGE == (3 / 4, 4 / 3)
+    with pytest.raises(ValueError, match="depth must be one of"):
+        imagenet.paper_augmentation(200)
+
+
 def test_imagenet_augmentation_arguments_are_checked():
     raw = tf.data.Dataset.from_tensors((tf.zeros((8, 8, 3), tf.uint8), np.int64(0)))
     with pytest.raises(ValueError, match="augment='random_resized'"):

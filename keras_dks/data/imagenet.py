@@ -48,6 +48,41 @@ AUGMENTATIONS = ("simple", "random_resized")
 EVAL_RESIZES = ("square", "shorter_side")
 
 
+# The DKS paper's training augmentation per ResNet depth (section 4.2):
+# simple for ResNet-18 and ResNet-50, aggressive (Inception-style) for
+# ResNet-152. ResNet-34 and ResNet-101 are not in the paper; they follow
+# their nearest neighbour in depth.
+PAPER_AUGMENTATION = {
+    18: "simple",
+    34: "simple",
+    50: "simple",
+    101: "random_resized",
+    152: "random_resized",
+}
+
+
+def paper_augmentation(depth):
+    """The DKS paper's training augmentation for an ImageNet ResNet-`depth`.
+
+    Args:
+        depth: 18, 34, 50, 101 or 152.
+
+    Returns:
+        `"simple"` (ResNet-18/34/50) or `"random_resized"` (ResNet-101/152).
+
+    Example:
+    ```python
+    paper_augmentation(50)    # 'simple'
+    paper_augmentation(152)   # 'random_resized'
+    ```
+    """
+    if depth not in PAPER_AUGMENTATION:
+        raise ValueError(
+            f"depth must be one of {sorted(PAPER_AUGMENTATION)}; got {depth!r}."
+        )
+    return PAPER_AUGMENTATION[depth]
+
+
 def _resize_size(image_size, resize_size):
     if resize_size is None:
         resize_size = int(round(image_size * RESIZE_SIZE / CROP_SIZE))
