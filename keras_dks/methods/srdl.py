@@ -237,7 +237,8 @@ class SRDLModel(keras.Model):
     non-trainable variable, read with `tf.gather` inside the compiled step.
 
     Args:
-        model: the classifier (one logits output).
+        model: the classifier (one logits output; a model ending with a
+            softmax or sigmoid raises a ValueError: SRDL needs logits).
         soft_targets: `(n, C)` array of stored probabilities, or None
             (stage 1: cross-entropy only).
         temperature: T.
