@@ -4,12 +4,12 @@ Training augmentation (`make_dataset(augment=...)`):
 
 - `"simple"` (default): resize every image to 256x256 (aspect ratio not
   kept), take a random 224x224 crop, flip horizontally at random. The DKS
-  paper trains ResNet-18 and ResNet-50 this way ("images are resized to
-  256x256 first, then 224x224 crops are randomly sampled from the resized
-  images or their horizontal flips"; the sizes are lost in some text copies
-  of the paper, 256x256 is also what the authors' evaluation script
-  resizes to). The paper gives no interpolation; we use the bicubic one of
-  the authors' evaluation script.
+  paper trains ResNet-18 and ResNet-50 this way: "images are resized to
+  [a fixed size] first, and then crops are randomly sampled from the
+  resized images or their horizontal flips". The sizes are missing from
+  the text copy in shared/papers; 256x256 is what the authors' evaluation
+  script resizes to and 224 their crop, so we use those. The paper gives
+  no interpolation; we use the bicubic one of that script.
 - `"random_resized"`: the Inception-style crop the paper keeps for
   ResNet-152 ("a more aggressive data augmentation method as in [41]",
   i.e. GoogLeNet): a random box of 8 %-100 % of the area with aspect ratio
