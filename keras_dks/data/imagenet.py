@@ -7,7 +7,7 @@ Training augmentation (`make_dataset(augment=...)`):
   paper trains ResNet-18 and ResNet-50 this way: "images are resized to
   [a fixed size] first, and then crops are randomly sampled from the
   resized images or their horizontal flips". The sizes are missing from
-  the text copy in shared/papers; 256x256 is what the authors' evaluation
+  the text of the paper we checked; 256x256 is what the authors' evaluation
   script resizes to and 224 their crop, so we use those. The paper gives
   no interpolation; we use the bicubic one of that script.
 - `"random_resized"`: the Inception-style crop the paper keeps for
