@@ -13,6 +13,14 @@ command after a crash), `logs/` (TensorBoard), `history.json`,
 network (raw uint8 pixels in, normalisation built in). The last line is a
 one-line summary: test error of every head, wall time, images/s.
 
+`--method srdl` runs the SRDL paper's own recipe instead (Lan et al. 2018,
+section 4): two stages of epochs/2, each with its complete schedule (lr 0.1
+x0.1 at 50 % and 75 % of the stage), SGD with Nesterov momentum 0.9, coupled
+L2 2e-4, T = 3; every one of these flags that is given on the command line
+overrides the paper's value (--lr_boundaries are then epochs of the whole
+budget, halved into each stage, so the DKS boundaries 60,120,160 become
+30,60,80 of every 100-epoch stage).
+
 Example:
     python examples/cifar100_wrn.py --model_dir runs/wrn28_10_dks
     python examples/cifar100_wrn.py --method baseline --model_dir runs/wrn28_10_base
@@ -48,20 +56,27 @@ flags.DEFINE_integer("width", 10, "WRN widening factor k.")
 flags.DEFINE_float("dropout", 0.0, "Dropout between the two convs of a block (0.3 in the paper's dropout variant).")
 flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm", "srdl"],
                   "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
-                  "dhm: DKS with stochastic pairs; srdl: two stages of epochs/2, each with the whole "
-                  "schedule compressed into it, the second from fresh weights learning from the "
-                  "first's stored T=3 soft labels.")
+                  "dhm: DKS with stochastic pairs; srdl: two stages of epochs/2 with the SRDL paper's "
+                  "recipe (a complete schedule in each), the second from fresh weights learning from "
+                  "the first's stored T=3 soft labels.")
 flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],
                   "Synergy pair strategy of dks/dhm.")
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (backbone and heads).")
 # Recipe.
+# (--method srdl: the SRDL paper's values for lr, lr_decay, lr_boundaries,
+# momentum, nesterov and weight_decay unless the flag is given.)
 flags.DEFINE_integer("epochs", 200, "Training epochs.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
-flags.DEFINE_float("lr_decay", 0.2, "Learning-rate multiplier at each boundary.")
-flags.DEFINE_list("lr_boundaries", ["60", "120", "160"], "Epochs at which the learning rate decays.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum (no Nesterov).")
-flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 on all trainable variables (PyTorch SGD weight_decay).")
+flags.DEFINE_float("lr_decay", 0.2, "Learning-rate multiplier at each boundary (srdl default: 0.1).")
+flags.DEFINE_list("lr_boundaries", ["60", "120", "160"],
+                  "Epochs at which the learning rate decays (srdl default: 50 % and 75 % of each stage; "
+                  "given, they are epochs of the whole budget, halved into each stage).")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_bool("nesterov", None, "Nesterov momentum (default: off, as in the DKS authors' code; on for srdl, "
+                  "as in the SRDL paper).")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 on all trainable variables (PyTorch SGD weight_decay; "
+                   "srdl default: 2e-4).")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
 # Data.
 flags.DEFINE_string("dataset", "cifar100", "TFDS image classification dataset.")
@@ -249,16 +264,13 @@ def main(argv):
         )
 
     if FLAGS.method == "srdl":
-        # Each stage gets the whole recipe in epochs/2: boundaries halved.
-        stage = 0.5
+        recipe = srdl_recipe()
+        print(f"SRDL recipe: {recipe}")
         result = recipes.train_srdl(
             backbone_fn, train_ds, test_ds, extraction_ds, epochs=FLAGS.epochs,
             steps_per_epoch=FLAGS.steps_per_epoch or None,
-            optimizer_fn=lambda _: recipes.sgd(
-                recipes.step_schedule(FLAGS.lr, steps, [stage * b for b in boundaries], FLAGS.lr_decay),
-                FLAGS.momentum,
-            ),
-            weight_decay=FLAGS.weight_decay, model_dir=model_dir, batch_size=FLAGS.batch_size,
+            optimizer_fn=srdl_optimizer_fn(recipe, steps),
+            weight_decay=recipe["weight_decay"], model_dir=model_dir, batch_size=FLAGS.batch_size,
             strategy=strategy, jit_compile=FLAGS.jit_compile,
             validation_freq=FLAGS.validation_freq, verbose=FLAGS.verbose,
             save_model=FLAGS.save_model, title=name,
@@ -270,6 +282,46 @@ def main(argv):
         model, result = build_and_train(strategy, backbone_fn, steps, boundaries, name, model_dir,
                                         policy, train_ds, test_ds)
     finish(model, result, train_ds, model_dir, mean, std, name)
+
+
+def srdl_recipe():
+    """The SRDL recipe of this run: the SRDL paper's values
+    (`keras_dks.methods.srdl.PAPER_RECIPE`), each replaced by its flag when
+    the flag is given on the command line."""
+    from keras_dks.methods import srdl
+
+    paper = srdl.PAPER_RECIPE
+
+    def pick(flag, value):
+        return getattr(FLAGS, flag) if FLAGS[flag].present else value
+
+    return {
+        "lr": pick("lr", paper["learning_rate"]),
+        "decay": pick("lr_decay", paper["decay"]),
+        # None: drops at paper["drops"] of each stage.
+        "boundaries": [float(b) for b in FLAGS.lr_boundaries] if FLAGS["lr_boundaries"].present else None,
+        "momentum": pick("momentum", paper["momentum"]),
+        "nesterov": paper["nesterov"] if FLAGS.nesterov is None else FLAGS.nesterov,
+        "weight_decay": pick("weight_decay", paper["weight_decay"]),
+    }
+
+
+def srdl_optimizer_fn(recipe, steps_per_epoch):
+    """`optimizer_fn(stage_steps)` of `recipe`: a fresh SGD with the whole
+    schedule inside one stage."""
+    from keras_dks import recipes
+    from keras_dks.methods import srdl
+
+    def optimizer_fn(stage_steps):
+        if recipe["boundaries"] is None:
+            schedule = srdl.step_decay(recipe["lr"], stage_steps, srdl.PAPER_RECIPE["drops"], recipe["decay"])
+        else:  # epochs of the whole budget, halved into each stage
+            schedule = recipes.step_schedule(
+                recipe["lr"], steps_per_epoch, [0.5 * b for b in recipe["boundaries"]], recipe["decay"]
+            )
+        return recipes.sgd(schedule, recipe["momentum"], nesterov=recipe["nesterov"])
+
+    return optimizer_fn
 
 
 def build_and_train(strategy, backbone_fn, steps, boundaries, name, model_dir, policy, train_ds,
@@ -285,7 +337,7 @@ def build_and_train(strategy, backbone_fn, steps, boundaries, name, model_dir, p
         )
         schedule = recipes.step_schedule(FLAGS.lr, steps, boundaries, FLAGS.lr_decay)
         model.compile(
-            optimizer=recipes.sgd(schedule, FLAGS.momentum),
+            optimizer=recipes.sgd(schedule, FLAGS.momentum, nesterov=bool(FLAGS.nesterov)),
             metrics=["accuracy"],
             jit_compile=FLAGS.jit_compile,
         )

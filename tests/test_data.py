@@ -330,7 +330,8 @@ def varying_images(sizes, seed=0):
 
 def test_imagenet_training_batches():
     raw, _ = varying_images([(50, 40), (33, 61), (24, 24), (80, 30)])
-    ds = imagenet.make_dataset(raw, training=True, batch_size=4, image_size=32, crop="inception")
+    ds = imagenet.make_dataset(raw, training=True, batch_size=4, image_size=32,
+                               augment="random_resized", crop="inception")
     xb, yb = next(iter(ds))
     assert xb.shape == (4, 32, 32, 3) and xb.dtype == tf.float32
     assert sorted(yb.numpy()) == [0, 1, 2, 3]
@@ -344,14 +345,98 @@ def test_imagenet_center_crop_against_numpy():
     # image_size 28 -> shorter side resized to round(28 * 256 / 224) = 32;
     # a 32x40 image needs no resize, so the result is its central window.
     raw, images = varying_images([(32, 40), (40, 32)])
-    ds = imagenet.make_dataset(raw, training=False, batch_size=2, image_size=28)
+    ds = imagenet.make_dataset(raw, training=False, batch_size=2, image_size=28,
+                               eval_resize="shorter_side")
     xb = next(iter(ds))[0].numpy()
     mean, std = np.array(imagenet.MEAN), np.array(imagenet.STD)
     np.testing.assert_allclose(xb[0], (images[0][2:30, 6:34] / 255 - mean) / std, atol=1e-4)
     np.testing.assert_allclose(xb[1], (images[1][6:34, 2:30] / 255 - mean) / std, atol=1e-4)
     # Larger images: resized so the shorter side is 256, then 224 crop.
-    big = imagenet.center_crop(tf.zeros((300, 500, 3), tf.uint8), 224)
+    big = imagenet.center_crop(tf.zeros((300, 500, 3), tf.uint8), 224, resize="shorter_side")
     assert big.shape == (224, 224, 3)
+
+
+def _smooth_image(h, w, seed=0):
+    # Photo-like (smooth + noise), so bicubic resizers can be compared.
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    wave = 60 * np.sin(xx / 17.0) * np.cos(yy / 11.0)
+    image = 127 + wave[..., None] + rng.normal(0, 30, (h, w, 3))
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def _pil_square(image, size):
+    from PIL import Image
+
+    resized = Image.fromarray(image).resize((size, size), Image.BICUBIC)
+    return np.asarray(resized).astype(np.float32)
+
+
+def _denormalize(x):
+    return (x * np.array(imagenet.STD) + np.array(imagenet.MEAN)) * 255
+
+
+def test_imagenet_evaluation_is_the_authors_square_bicubic_center_crop():
+    # The DKS authors' imagenet/main.py: Scale([256, 256], PIL.Image.BICUBIC),
+    # CenterCrop(224) (offset (256 - 224) / 2 = 16), ToTensor, Normalize.
+    assert (imagenet.RESIZE_SIZE, imagenet.CROP_SIZE) == (256, 224)
+    images = [_smooth_image(375, 500), _smooth_image(240, 200, seed=1)]
+    raw = tf.data.Dataset.from_generator(
+        lambda: ((im, np.int64(k)) for k, im in enumerate(images)),
+        output_signature=(tf.TensorSpec((None, None, 3), tf.uint8), tf.TensorSpec((), tf.int64)),
+    )
+    xb = next(iter(imagenet.make_dataset(raw, training=False, batch_size=2)))[0].numpy()
+    for got, image in zip(_denormalize(xb), images):
+        want = _pil_square(image, 256)[16:240, 16:240]
+        diff = np.abs(got - want)
+        # Bilinear or a shorter-side resize would be off by tens of levels.
+        assert diff.mean() < 0.5 and diff.max() <= 12, (diff.mean(), diff.max())
+
+
+def test_imagenet_simple_training_augmentation_is_the_papers():
+    # DKS paper 4.2 (ResNet-18/50): resize to 256x256, random 224x224 crop,
+    # random horizontal flip. At image_size 56 the resize is
+    # round(56 * 256 / 224) = 64, so the crop offsets range over 0..8.
+    image = _smooth_image(90, 120)
+    raw = tf.data.Dataset.from_tensors((image, np.int64(0))).repeat(24)
+    ds = imagenet.make_dataset(raw, training=True, batch_size=24, image_size=56, seed=0)
+    crops = _denormalize(next(iter(ds))[0].numpy())
+    resized = _pil_square(image, 64)
+    found = []
+    for crop in crops:
+        best = min(
+            (np.abs(crop - (resized[:, ::-1] if flip else resized)[i:i + 56, j:j + 56]).mean(),
+             i, j, flip)
+            for i in range(9) for j in range(9) for flip in (False, True)
+        )
+        assert best[0] < 0.5, best  # a window of the resized square (or its mirror)
+        found.append(best[1:])
+    offsets = {(i, j) for i, j, _ in found}
+    assert len(offsets) > 6 and {flip for *_, flip in found} == {False, True}
+
+
+def test_imagenet_augmentation_per_architecture_is_the_papers():
+    # DKS paper 4.2: "we train ResNet-18 and ResNet-50 with a simple data
+    # augmentation method, and train ResNet-152 with a more aggressive data
+    # augmentation method as in [41]".
+    assert imagenet.paper_augmentation(18) == "simple"
+    assert imagenet.paper_augmentation(50) == "simple"
+    assert imagenet.paper_augmentation(152) == "random_resized"
+    # Inception-style box distribution of the aggressive one.
+    assert imagenet.AREA_RANGE == (0.08, 1.0)
+    assert imagenet.ASPECT_RATIO_RANGE == (3 / 4, 4 / 3)
+    with pytest.raises(ValueError, match="depth must be one of"):
+        imagenet.paper_augmentation(200)
+
+
+def test_imagenet_augmentation_arguments_are_checked():
+    raw = tf.data.Dataset.from_tensors((tf.zeros((8, 8, 3), tf.uint8), np.int64(0)))
+    with pytest.raises(ValueError, match="augment='random_resized'"):
+        imagenet.make_dataset(raw, training=True, batch_size=1, crop="inception")
+    with pytest.raises(ValueError, match="augment must be one of"):
+        imagenet.make_dataset(raw, training=True, batch_size=1, augment="aggressive")
+    with pytest.raises(ValueError, match="eval_resize must be one of"):
+        imagenet.make_dataset(raw, training=False, batch_size=1, eval_resize="shorter")
 
 
 def test_inception_crop_decodes_jpeg_window():
@@ -372,7 +457,8 @@ def test_inception_crop_decodes_jpeg_window():
 def test_imagenet_keras_cv_crop():
     pytest.importorskip("keras_cv")
     raw, _ = varying_images([(50, 40), (33, 61)])
-    ds = imagenet.make_dataset(raw, training=True, batch_size=2, image_size=24, crop="keras_cv")
+    ds = imagenet.make_dataset(raw, training=True, batch_size=2, image_size=24,
+                               augment="random_resized", crop="keras_cv")
     assert next(iter(ds))[0].shape == (2, 24, 24, 3)
 
 
