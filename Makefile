@@ -10,7 +10,8 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 install:
 	# TensorFlow first, so setup.py requires the flavour that is installed.
 	$(PYTHON) -c "import tensorflow" 2>/dev/null || $(PYTHON) -m pip install -q "$(TF_PACKAGE)"
-	$(PYTHON) -m pip install -q -e ".[test]"
+	# test: pytest & co; export: the ONNX / LiteRT / OpenVINO converters and runtimes.
+	$(PYTHON) -m pip install -q -e ".[test,export]"
 	# keras-hub backbones are tested too. keras-hub's tensorflow-text
 	# dependency (text models only) pins the full `tensorflow` wheel, so
 	# install keras-hub without it.

@@ -50,12 +50,31 @@ setup(
         "keras>=3.8",
         "absl-py",
         "tensorflow-datasets",
+        # TensorFlow >= 2.21 no longer pulls TensorBoard in; the training
+        # recipe's TensorBoard logs need it.
+        "tensorboard>=2.16",
+        # tensorflow-datasets 4.9.10 imports it when preparing a dataset but
+        # declares it for Python < 3.9 only (tensorflow/datasets#11212).
+        "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "numpy"],
+        "test": ["pytest>=7", "matplotlib", "numpy", "scipy"],
+        "benchmarks": ["matplotlib", "scipy"],
         "plots": ["matplotlib"],
         "cv": ["keras-cv>=0.9"],
         "hub": ["keras-hub>=0.20"],
+        # DKSModel.export formats other than tf_saved_model: the converters
+        # Keras 3.15 calls (tf2onnx + onnx for ONNX, openvino for OpenVINO;
+        # LiteRT files are written by TensorFlow's own converter) and the
+        # runtimes that load the artifacts. Pinned: these versions install
+        # beside tensorflow 2.21 / numpy 2 / protobuf 7 without changing them.
+        "export": [
+            "tf2onnx==1.17.0",
+            "onnx==1.23.2",
+            "onnxruntime==1.32.0",
+            "ai-edge-litert==2.3.0",
+            "openvino==2026.4.1",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

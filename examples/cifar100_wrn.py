@@ -13,6 +13,14 @@ command after a crash), `logs/` (TensorBoard), `history.json`,
 network (raw uint8 pixels in, normalisation built in). The last line is a
 one-line summary: test error of every head, wall time, images/s.
 
+`--method srdl` runs the SRDL paper's own recipe instead (Lan et al. 2018,
+section 4): two stages of epochs/2, each with its complete schedule (lr 0.1
+x0.1 at 50 % and 75 % of the stage), SGD with Nesterov momentum 0.9, coupled
+L2 2e-4, T = 3; every one of these flags that is given on the command line
+overrides the paper's value (--lr_boundaries are then epochs of the whole
+budget, halved into each stage, so the DKS boundaries 60,120,160 become
+30,60,80 of every 100-epoch stage).
+
 Example:
     python examples/cifar100_wrn.py --model_dir runs/wrn28_10_dks
     python examples/cifar100_wrn.py --method baseline --model_dir runs/wrn28_10_base
@@ -48,20 +56,27 @@ flags.DEFINE_integer("width", 10, "WRN widening factor k.")
 flags.DEFINE_float("dropout", 0.0, "Dropout between the two convs of a block (0.3 in the paper's dropout variant).")
 flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm", "srdl"],
                   "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
-                  "dhm: DKS with stochastic pairs; srdl: two stages of epochs/2, each with the whole "
-                  "schedule compressed into it, the second from fresh weights learning from the "
-                  "first's stored T=3 soft labels.")
+                  "dhm: DKS with stochastic pairs; srdl: two stages of epochs/2 with the SRDL paper's "
+                  "recipe (a complete schedule in each), the second from fresh weights learning from "
+                  "the first's stored T=3 soft labels.")
 flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],
                   "Synergy pair strategy of dks/dhm.")
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (backbone and heads).")
 # Recipe.
+# (--method srdl: the SRDL paper's values for lr, lr_decay, lr_boundaries,
+# momentum, nesterov and weight_decay unless the flag is given.)
 flags.DEFINE_integer("epochs", 200, "Training epochs.")
 flags.DEFINE_integer("batch_size", 128, "Global batch size.")
 flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
-flags.DEFINE_float("lr_decay", 0.2, "Learning-rate multiplier at each boundary.")
-flags.DEFINE_list("lr_boundaries", ["60", "120", "160"], "Epochs at which the learning rate decays.")
-flags.DEFINE_float("momentum", 0.9, "SGD momentum (no Nesterov).")
-flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 on all trainable variables (PyTorch SGD weight_decay).")
+flags.DEFINE_float("lr_decay", 0.2, "Learning-rate multiplier at each boundary (srdl default: 0.1).")
+flags.DEFINE_list("lr_boundaries", ["60", "120", "160"],
+                  "Epochs at which the learning rate decays (srdl default: 50 % and 75 % of each stage; "
+                  "given, they are epochs of the whole budget, halved into each stage).")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_bool("nesterov", None, "Nesterov momentum (default: off, as in the DKS authors' code; on for srdl, "
+                  "as in the SRDL paper).")
+flags.DEFINE_float("weight_decay", 5e-4, "Coupled L2 on all trainable variables (PyTorch SGD weight_decay; "
+                   "srdl default: 2e-4).")
 flags.DEFINE_integer("seed", 0, "Random seed (weights, shuffling, augmentation).")
 # Data.
 flags.DEFINE_string("dataset", "cifar100", "TFDS image classification dataset.")
@@ -128,8 +143,108 @@ def load_data():
     return train_ds, test_ds, extraction_ds, steps, shape, num_classes, mean, std
 
 
+def validate_flags():
+    """Check every flag, and the dataset's name and image spec, before any work.
+
+    Reads only the TFDS builder's metadata (no download, no TensorFlow
+    work, so a multi-worker strategy can still start afterwards).
+
+    Raises:
+        app.UsageError: listing each bad flag and what it accepts.
+    """
+    from keras_dks.data import pipelines
+    from keras_dks.methods import METHODS
+
+    errors = []
+    if FLAGS.method not in METHODS:
+        errors.append(f"--method {FLAGS.method!r} is unknown; the methods are {', '.join(METHODS)}.")
+    if FLAGS.depth < 10 or (FLAGS.depth - 4) % 6:
+        errors.append(f"--depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {FLAGS.depth}.")
+    for name in ("width", "epochs", "batch_size", "validation_freq"):
+        if getattr(FLAGS, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}.")
+    if FLAGS.method == "srdl" and FLAGS.epochs % 2:
+        errors.append(f"--epochs must be even with srdl (two stages of epochs/2), got {FLAGS.epochs}.")
+    for name in ("train_examples", "image_size", "steps_per_epoch", "eval_steps", "benchmark_steps"):
+        if getattr(FLAGS, name) < 0:
+            errors.append(f"--{name} must be >= 0 (0: off), got {getattr(FLAGS, name)}.")
+    if not 0 <= FLAGS.dropout < 1:
+        errors.append(f"--dropout must be in [0, 1), got {FLAGS.dropout}.")
+    if not FLAGS.lr > 0 or not FLAGS.lr_decay > 0:
+        errors.append(f"--lr and --lr_decay must be > 0, got {FLAGS.lr} and {FLAGS.lr_decay}.")
+    if not 0 <= FLAGS.momentum < 1:
+        errors.append(f"--momentum must be in [0, 1), got {FLAGS.momentum}.")
+    if FLAGS.weight_decay < 0:
+        errors.append(f"--weight_decay must be >= 0, got {FLAGS.weight_decay}.")
+    if FLAGS.verbose not in (0, 1, 2):
+        errors.append(f"--verbose must be 0, 1 or 2, got {FLAGS.verbose}.")
+    try:
+        boundaries = [float(b) for b in FLAGS.lr_boundaries]
+    except ValueError:
+        errors.append(f"--lr_boundaries must be epochs (numbers), got {','.join(FLAGS.lr_boundaries)}.")
+    else:
+        if any(b < 0 for b in boundaries) or boundaries != sorted(boundaries):
+            errors.append(f"--lr_boundaries must be increasing epochs >= 0, got "
+                          f"{','.join(FLAGS.lr_boundaries)}.")
+        elif boundaries and boundaries[-1] >= FLAGS.epochs:
+            print(f"Warning: --lr_boundaries {','.join(FLAGS.lr_boundaries)} reach --epochs "
+                  f"{FLAGS.epochs}: the later decays never happen (scale them with --epochs).")
+    stats = {}
+    for name in ("mean", "std"):
+        try:
+            stats[name] = [float(v) for v in getattr(FLAGS, name)]
+        except ValueError:
+            errors.append(f"--{name} must be numbers, got {','.join(getattr(FLAGS, name))}.")
+    if "std" in stats and any(not v > 0 for v in stats["std"]):
+        errors.append(f"--std must be > 0, got {','.join(FLAGS.std)}.")
+    if len(stats) == 2 and max(stats["mean"] + stats["std"]) <= 1:
+        errors.append(f"--mean {','.join(FLAGS.mean)} / --std {','.join(FLAGS.std)} look like [0, 1] "
+                      "statistics; these flags take the 0-255 scale (e.g. 125.3 / 63.0): "
+                      "multiply by 255.")
+    if FLAGS.train_examples and "[" in FLAGS.train_split:
+        errors.append(f"--train_split {FLAGS.train_split} is already a slice: drop --train_examples "
+                      "or the slice.")
+    for name in ("model_dir", "export_dir"):
+        if getattr(FLAGS, name) and os.path.isfile(getattr(FLAGS, name)):
+            errors.append(f"--{name} {getattr(FLAGS, name)} is a file: pass a folder.")
+    try:
+        builder = pipelines.tfds_builder(FLAGS.dataset, FLAGS.data_dir)
+    except ValueError as e:
+        errors.append(f"--dataset: {e}")
+    else:
+        errors += _dataset_errors(builder, stats)
+    if errors:
+        raise app.UsageError("\n".join(errors))
+
+
+def _dataset_errors(builder, stats):
+    """What the dataset's metadata rules out: no labels, varying sizes, channels."""
+    info = builder.info
+    keys = info.supervised_keys
+    if not keys or len(keys) != 2:
+        return [f"--dataset {FLAGS.dataset} has no (image, label) supervised keys: pass an image "
+                "classification dataset."]
+    image, label = info.features[keys[0]], info.features[keys[1]]
+    shape = tuple(getattr(image, "shape", ()) or ())
+    if len(shape) != 3 or not hasattr(label, "num_classes"):
+        return [f"--dataset {FLAGS.dataset} is not an image classification dataset (image "
+                f"{shape}, label {type(label).__name__})."]
+    errors = []
+    if None in shape[:2] and not FLAGS.image_size:
+        errors.append(f"--dataset {FLAGS.dataset} has images of varying size {shape}: pass "
+                      "--image_size.")
+    channels = shape[-1]
+    for name, values in stats.items():
+        if channels and len(values) not in (1, channels):
+            errors.append(f"--{name} has {len(values)} values; {FLAGS.dataset} images have "
+                          f"{channels} channel(s): pass " + ("1." if channels == 1 else
+                                                             f"1 or {channels}."))
+    return errors
+
+
 def main(argv):
     del argv
+    validate_flags()
     import keras
     from keras_dks import backbones, recipes
 
@@ -149,16 +264,13 @@ def main(argv):
         )
 
     if FLAGS.method == "srdl":
-        # Each stage gets the whole recipe in epochs/2: boundaries halved.
-        stage = 0.5
+        recipe = srdl_recipe()
+        print(f"SRDL recipe: {recipe}")
         result = recipes.train_srdl(
             backbone_fn, train_ds, test_ds, extraction_ds, epochs=FLAGS.epochs,
             steps_per_epoch=FLAGS.steps_per_epoch or None,
-            optimizer_fn=lambda _: recipes.sgd(
-                recipes.step_schedule(FLAGS.lr, steps, [stage * b for b in boundaries], FLAGS.lr_decay),
-                FLAGS.momentum,
-            ),
-            weight_decay=FLAGS.weight_decay, model_dir=model_dir, batch_size=FLAGS.batch_size,
+            optimizer_fn=srdl_optimizer_fn(recipe, steps),
+            weight_decay=recipe["weight_decay"], model_dir=model_dir, batch_size=FLAGS.batch_size,
             strategy=strategy, jit_compile=FLAGS.jit_compile,
             validation_freq=FLAGS.validation_freq, verbose=FLAGS.verbose,
             save_model=FLAGS.save_model, title=name,
@@ -170,6 +282,46 @@ def main(argv):
         model, result = build_and_train(strategy, backbone_fn, steps, boundaries, name, model_dir,
                                         policy, train_ds, test_ds)
     finish(model, result, train_ds, model_dir, mean, std, name)
+
+
+def srdl_recipe():
+    """The SRDL recipe of this run: the SRDL paper's values
+    (`keras_dks.methods.srdl.PAPER_RECIPE`), each replaced by its flag when
+    the flag is given on the command line."""
+    from keras_dks.methods import srdl
+
+    paper = srdl.PAPER_RECIPE
+
+    def pick(flag, value):
+        return getattr(FLAGS, flag) if FLAGS[flag].present else value
+
+    return {
+        "lr": pick("lr", paper["learning_rate"]),
+        "decay": pick("lr_decay", paper["decay"]),
+        # None: drops at paper["drops"] of each stage.
+        "boundaries": [float(b) for b in FLAGS.lr_boundaries] if FLAGS["lr_boundaries"].present else None,
+        "momentum": pick("momentum", paper["momentum"]),
+        "nesterov": paper["nesterov"] if FLAGS.nesterov is None else FLAGS.nesterov,
+        "weight_decay": pick("weight_decay", paper["weight_decay"]),
+    }
+
+
+def srdl_optimizer_fn(recipe, steps_per_epoch):
+    """`optimizer_fn(stage_steps)` of `recipe`: a fresh SGD with the whole
+    schedule inside one stage."""
+    from keras_dks import recipes
+    from keras_dks.methods import srdl
+
+    def optimizer_fn(stage_steps):
+        if recipe["boundaries"] is None:
+            schedule = srdl.step_decay(recipe["lr"], stage_steps, srdl.PAPER_RECIPE["drops"], recipe["decay"])
+        else:  # epochs of the whole budget, halved into each stage
+            schedule = recipes.step_schedule(
+                recipe["lr"], steps_per_epoch, [0.5 * b for b in recipe["boundaries"]], recipe["decay"]
+            )
+        return recipes.sgd(schedule, recipe["momentum"], nesterov=recipe["nesterov"])
+
+    return optimizer_fn
 
 
 def build_and_train(strategy, backbone_fn, steps, boundaries, name, model_dir, policy, train_ds,
@@ -185,7 +337,7 @@ def build_and_train(strategy, backbone_fn, steps, boundaries, name, model_dir, p
         )
         schedule = recipes.step_schedule(FLAGS.lr, steps, boundaries, FLAGS.lr_decay)
         model.compile(
-            optimizer=recipes.sgd(schedule, FLAGS.momentum),
+            optimizer=recipes.sgd(schedule, FLAGS.momentum, nesterov=bool(FLAGS.nesterov)),
             metrics=["accuracy"],
             jit_compile=FLAGS.jit_compile,
         )

@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Folder with the four Fashion-MNIST IDX files (.gz or not); "
                     "default: Debian's dataset-fashion-mnist folder, else keras.datasets.")
-flags.DEFINE_list("methods", ["baseline", "dks"], "Methods to train, in order (baseline, ds, dks, dhm, srdl).")
+flags.DEFINE_list("methods", ["baseline", "dks"], "Methods to train, in order: any of "
+                  "keras_dks.methods.METHODS (baseline, ds, dks, dhm, srdl).")
 flags.DEFINE_integer("depth", 16, "WRN depth, 6n + 4.")
 flags.DEFINE_integer("width", 1, "WRN widening factor.")
 flags.DEFINE_integer("epochs", 3, "Epochs per method.")
@@ -62,8 +63,64 @@ flags.DEFINE_bool("export", True, "Write the SavedModel of the DKS (or last) inf
 flags.DEFINE_integer("verbose", 2, "fit verbosity.")
 
 
+def validate_flags():
+    """Check every flag before any data is read or any model built.
+
+    Raises:
+        app.UsageError: listing each bad flag and what it accepts.
+    """
+    from keras_dks.methods import METHODS
+
+    errors = []
+    methods = FLAGS.methods
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods:
+        errors.append(f"--methods is empty: pass one or more of {', '.join(METHODS)}.")
+    elif unknown:
+        errors.append(f"--methods: unknown {', '.join(map(repr, unknown))}; the methods are "
+                      f"{', '.join(METHODS)}.")
+    if len(set(methods)) != len(methods):
+        errors.append(f"--methods lists a method twice ({','.join(methods)}): each writes "
+                      "<model_dir>/<method>, so list each once.")
+    if FLAGS.depth < 10 or (FLAGS.depth - 4) % 6:
+        errors.append(f"--depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {FLAGS.depth}.")
+    for name in ("width", "epochs", "batch_size"):
+        if getattr(FLAGS, name) < 1:
+            errors.append(f"--{name} must be >= 1, got {getattr(FLAGS, name)}.")
+    if "srdl" in methods and FLAGS.epochs % 2:
+        errors.append(f"--epochs must be even with srdl (two stages of epochs/2), got {FLAGS.epochs}.")
+    for name in ("train_examples", "test_examples", "steps_per_epoch", "eval_steps"):
+        if getattr(FLAGS, name) < 0:
+            errors.append(f"--{name} must be >= 0 (0: all), got {getattr(FLAGS, name)}.")
+    if not FLAGS.lr > 0 or not FLAGS.lr_decay > 0:
+        errors.append(f"--lr and --lr_decay must be > 0, got {FLAGS.lr} and {FLAGS.lr_decay}.")
+    try:
+        boundaries = [float(b) for b in FLAGS.lr_boundaries]
+    except ValueError:
+        errors.append(f"--lr_boundaries must be numbers, got {','.join(FLAGS.lr_boundaries)}.")
+    else:
+        if any(not 0 <= b <= 1 for b in boundaries) or boundaries != sorted(boundaries):
+            errors.append(f"--lr_boundaries are increasing fractions of --epochs in [0, 1], got "
+                          f"{','.join(FLAGS.lr_boundaries)} (e.g. 0.5,0.75).")
+    if not 0 <= FLAGS.momentum < 1:
+        errors.append(f"--momentum must be in [0, 1), got {FLAGS.momentum}.")
+    if FLAGS.weight_decay < 0:
+        errors.append(f"--weight_decay must be >= 0, got {FLAGS.weight_decay}.")
+    if FLAGS.verbose not in (0, 1, 2):
+        errors.append(f"--verbose must be 0, 1 or 2, got {FLAGS.verbose}.")
+    if FLAGS.data_dir and not os.path.isdir(FLAGS.data_dir):
+        errors.append(f"--data_dir {FLAGS.data_dir} is not a folder: pass the folder holding the "
+                      "four Fashion-MNIST IDX files (Debian/Ubuntu: apt-get install "
+                      "dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist).")
+    if os.path.isfile(FLAGS.model_dir):
+        errors.append(f"--model_dir {FLAGS.model_dir} is a file: pass a folder.")
+    if errors:
+        raise app.UsageError("\n".join(errors))
+
+
 def main(argv):
     del argv
+    validate_flags()
     import keras
     from keras_dks import backbones, plots, recipes
     from keras_dks.data import fashion_mnist

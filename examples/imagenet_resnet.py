@@ -1,17 +1,31 @@
-r"""ResNet-18 / ResNet-50 on ImageNet with DKS: the paper's ImageNet recipe.
+r"""ImageNet ResNets with DKS: the DKS paper's ImageNet recipe (section 4.2).
 
-Auxiliary heads after conv3_x and conv4_x, built from the backbone's own
-blocks (head from conv3_x: a conv4_x-like stage + a 2-block conv5_x-like
-stage; head from conv4_x: a double-width conv5_x-like stage). ResNet-18/34
-are `keras_dks.backbones.resnet18/34`; ResNet-50 is
-`keras.applications.ResNet50(weights=None, include_top=False)`, tapped at
-`conv3_block4_out` and `conv4_block6_out`.
+Networks (`--arch`): `keras_dks.backbones.resnet18/34/50/101/152`,
+torchvision's layout (ResNet-50/101/152 are "v1.5", stride on the 3x3 conv,
+the model of the authors' released checkpoints: 25,557,032 parameters for
+ResNet-50). Auxiliary heads after conv3_x and conv4_x, built from the
+backbone's own blocks: from conv3_x a conv4_x-like + a conv5_x-like stage,
+from conv4_x a double-width conv5_x-like stage, with the DHM code's block
+counts (ResNet-18 [[1, 2], [2]]: 53,483,512 parameters in training;
+ResNet-50 [[3, 2], [3]]); `--head_blocks copy` gives the conv4_x-like stage
+the backbone's own count. `--arch keras_resnet50` uses
+`keras.applications.ResNet50` instead: a v1 ResNet (stride on the first
+1x1 conv, biased convs, 25,583,592 parameters), tapped at `conv3_block4_out`
+and `conv4_block6_out` with the generic head rule of `keras_dks.heads`; it
+is not the network the paper trained.
 
 Recipe (paper): SGD momentum 0.9, batch 256, 100 epochs, lr 0.1 divided by
 10 every 30 epochs, weight decay 1e-4 (coupled L2 on all trainable
-variables); training crop: random-resized crop to 224 + flip; test: resize
-256 + central 224 crop. Paper top-1 error (Table 2): ResNet-18 baseline
-31.06, DS 30.46, DKS 28.68; ResNet-50 baseline 25.47, DKS 23.53.
+variables). Training augmentation (`--augment auto`, per architecture as in
+the paper): ResNet-18/50 (and 34) "simple": resize to 256x256, random
+224x224 crop, random flip; ResNet-152 (and 101) the aggressive Inception-style
+random-resized crop (8-100 % area, aspect 3/4-4/3) + flip. Evaluation
+(`--eval_resize square`, the authors' released script): resize to 256x256
+bicubic, central 224x224 crop. `--augment random_resized` and
+`--eval_resize shorter_side` give torchvision's reference recipe (the DHM
+code's). Paper top-1/top-5 error (Table 2): ResNet-18 baseline 31.06/11.13,
+DS 30.46/10.80, DKS 28.68/9.55; ResNet-50 baseline 25.47/7.58, DKS
+23.53/6.40; ResNet-152 baseline 22.45/5.94, DKS 20.98/5.28.
 
 Data: TFDS `imagenet2012`, which cannot be downloaded automatically: put
 `ILSVRC2012_img_train.tar` and `ILSVRC2012_img_val.tar` in --manual_dir (the
@@ -40,13 +54,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FLAGS = flags.FLAGS
 # Network.
-flags.DEFINE_enum("arch", "resnet18", ["resnet18", "resnet34", "resnet50"], "Backbone.")
+ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "keras_resnet50"]
+flags.DEFINE_enum("arch", "resnet18", ARCHS,
+                  "Backbone: keras_dks.backbones.resnet<depth> (torchvision layout, v1.5 bottlenecks), "
+                  "or keras_resnet50 = keras.applications.ResNet50 (v1, not the paper's network).")
+flags.DEFINE_enum("head_blocks", "dhm", ["dhm", "copy"],
+                  "Auxiliary head block counts: the DHM code's (dhm) or the backbone's own (copy).")
 flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm"],
                   "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
                   "dhm: DKS with stochastic pairs.")
 flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],
                   "Synergy pair strategy of dks/dhm.")
-flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (resnet18/34 and heads).")
+flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (keras_dks backbones and heads).")
 # Recipe.
 flags.DEFINE_integer("epochs", 100, "Training epochs.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size.")
@@ -64,10 +83,18 @@ flags.DEFINE_bool("download", True, "Let TFDS prepare the dataset if needed.")
 flags.DEFINE_string("train_split", "train", "TFDS training split.")
 flags.DEFINE_string("eval_split", "validation", "TFDS test split.")
 flags.DEFINE_integer("train_examples", 0, "Use only the first N training examples (0: all).")
-flags.DEFINE_integer("image_size", 224, "Training crop / test crop size (test resize: size * 256 / 224).")
+flags.DEFINE_integer("image_size", 224, "Training crop / test crop size (resize before cropping: size * 256 / 224).")
+flags.DEFINE_enum("augment", "auto", ["auto", "simple", "random_resized"],
+                  "Training augmentation: simple (256x256 resize, random crop, flip: the paper's "
+                  "ResNet-18/50), random_resized (Inception-style crop + flip: the paper's ResNet-152), "
+                  "or auto (the paper's choice for --arch).")
 flags.DEFINE_enum("crop", "auto", ["auto", "keras_cv", "inception"],
-                  "Training crop: keras_cv.layers.RandomCropAndResize, the tf.image Inception crop "
-                  "(decodes only the crop window of JPEGs), or auto (keras-cv when installed).")
+                  "Implementation of the random-resized crop: keras_cv.layers.RandomCropAndResize, the "
+                  "tf.image Inception crop (decodes only the crop window of JPEGs), or auto (keras-cv "
+                  "when installed). Unused with --augment simple.")
+flags.DEFINE_enum("eval_resize", "square", ["square", "shorter_side"],
+                  "Test resize before the central crop: square (256x256 bicubic, the authors' script) "
+                  "or shorter_side (shorter side 256, bilinear: torchvision's reference).")
 flags.DEFINE_integer("shuffle_buffer", 10000, "Shuffle buffer (examples).")
 # Execution.
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute strategy.")
@@ -83,13 +110,28 @@ flags.DEFINE_bool("save_model", True, "Save the trained model as model_dir/model
 flags.DEFINE_integer("verbose", 2, "fit verbosity.")
 
 
+def arch_depth(arch):
+    """Depth of `--arch` (keras_resnet50: 50)."""
+    return int(arch.replace("keras_", "").replace("resnet", ""))
+
+
+def training_augmentation(arch, augment="auto"):
+    """`--augment`, with "auto" resolved to the paper's choice for `arch`."""
+    from keras_dks.data import imagenet
+
+    return imagenet.paper_augmentation(arch_depth(arch)) if augment == "auto" else augment
+
+
 def load_data():
     """(train_ds, test_ds, steps_per_epoch, num_classes)."""
     from keras_dks.data import imagenet, pipelines
 
-    crop = FLAGS.crop
-    if crop == "auto":
-        crop = "keras_cv" if imagenet.keras_cv_crop(FLAGS.image_size) is not None else "inception"
+    augment = training_augmentation(FLAGS.arch, FLAGS.augment)
+    crop = "auto"
+    if augment == "random_resized":
+        crop = FLAGS.crop
+        if crop == "auto":
+            crop = "keras_cv" if imagenet.keras_cv_crop(FLAGS.image_size) is not None else "inception"
     split = FLAGS.train_split + (f"[:{FLAGS.train_examples}]" if FLAGS.train_examples else "")
     raw_train, info = pipelines.load_tfds(
         FLAGS.dataset, split, FLAGS.data_dir, manual_dir=FLAGS.manual_dir, shuffle_files=True,
@@ -105,30 +147,36 @@ def load_data():
     steps = FLAGS.steps_per_epoch or pipelines.steps_per_epoch(n_train, FLAGS.batch_size)
     train_ds = imagenet.make_dataset(
         raw_train, training=True, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
-        crop=crop, shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed,
+        augment=augment, crop=crop, shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed,
         repeat=bool(FLAGS.steps_per_epoch),
     )
     if FLAGS.eval_steps:
         raw_test = raw_test.take(FLAGS.eval_steps * FLAGS.batch_size)
     test_ds = imagenet.make_dataset(
-        raw_test, training=False, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size
+        raw_test, training=False, batch_size=FLAGS.batch_size, image_size=FLAGS.image_size,
+        eval_resize=FLAGS.eval_resize,
     )
+    crop_name = augment + (f", {crop}" if augment == "random_resized" else "")
     print(f"{FLAGS.dataset}: {n_train} training images, {num_classes} classes, "
-          f"{FLAGS.image_size}px crops ({crop}), {steps} steps/epoch")
+          f"{FLAGS.image_size}px crops ({crop_name}), test resize {FLAGS.eval_resize}, "
+          f"{steps} steps/epoch")
     return train_ds, test_ds, steps, num_classes
 
 
-def build_backbone(arch, num_classes, image_size, sync_batchnorm=False):
-    """The backbone of `--arch`: a keras_dks ResNet (with the authors'
-    head specs) or keras.applications.ResNet50 without its top."""
+def build_backbone(arch, num_classes, image_size, sync_batchnorm=False, head_blocks="dhm"):
+    """The backbone of `--arch`: a keras_dks ResNet (with the DHM code's
+    head layout, or `head_blocks="copy"`) or keras.applications.ResNet50
+    (v1) without its top."""
     import keras
     from keras_dks import backbones
 
     shape = (image_size, image_size, 3)
-    if arch == "resnet50":
+    if arch == "keras_resnet50":
         return keras.applications.ResNet50(weights=None, include_top=False, input_shape=shape)
-    fn = {"resnet18": backbones.resnet18, "resnet34": backbones.resnet34}[arch]
-    return fn(num_classes, input_shape=shape, sync_batchnorm=sync_batchnorm)
+    return backbones.ResNet(
+        arch_depth(arch), num_classes, input_shape=shape, sync_batchnorm=sync_batchnorm,
+        head_blocks=head_blocks,
+    )
 
 
 def main(argv):
@@ -143,7 +191,8 @@ def main(argv):
     train_ds, test_ds, steps, num_classes = load_data()
 
     with strategy.scope():
-        backbone = build_backbone(FLAGS.arch, num_classes, FLAGS.image_size, FLAGS.sync_batchnorm)
+        backbone = build_backbone(FLAGS.arch, num_classes, FLAGS.image_size, FLAGS.sync_batchnorm,
+                                  FLAGS.head_blocks)
         model = recipes.build_model(
             FLAGS.method, backbone, num_classes=num_classes, pairs=FLAGS.pairs,
             weight_decay=FLAGS.weight_decay, sync_batchnorm=FLAGS.sync_batchnorm, seed=FLAGS.seed,

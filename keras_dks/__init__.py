@@ -16,10 +16,10 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Imported lazily: an eager `from keras_dks.export import ...` here would
     # make `python -m keras_dks.export` warn that the module was imported twice.
-    if name == "export_saved_model":
-        from keras_dks.export import export_saved_model
+    if name in ("export_saved_model", "export_inference"):
+        from keras_dks import export
 
-        return export_saved_model
+        return getattr(export, name)
     # Submodules of the examples' plumbing, loaded on first use
     # (`keras_dks.data.fashion_mnist`, `keras_dks.recipes`, `keras_dks.plots`).
     if name in ("data", "plots", "recipes"):

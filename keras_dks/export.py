@@ -1,4 +1,13 @@
-"""Export the inference network as a versioned SavedModel for TF Serving.
+"""Export the inference network: TF Serving SavedModels, LiteRT, ONNX, OpenVINO.
+
+Two entry points, both exporting the backbone and the main classifier only
+(a `DKSModel`'s auxiliary heads are left out):
+
+- `export_saved_model`: a versioned SavedModel laid out for TF Serving, with
+  a `serving_default` signature computing probabilities and top-k classes.
+- `export_inference` (also `DKSModel.export`): Keras' `Model.export` formats
+  (`"tf_saved_model"`, `"litert"`, `"onnx"`, `"openvino"`) of the logits
+  network, computed in float32 whatever the training dtype policy.
 
 `export_saved_model` writes `<export_base>/<version>/` with one
 `serving_default` signature:
@@ -14,9 +23,11 @@ serving time.
 Command line:
 
     python -m keras_dks.export --model model.keras --export_base exports/dks
+    python -m keras_dks.export --model model.keras --format onnx --output model.onnx
 """
 
 import argparse
+import importlib.util
 import numbers
 import os
 import re
@@ -29,6 +40,243 @@ import tensorflow as tf
 
 INPUT_DTYPES = ("uint8", "float32")
 OUTPUT_NAMES = ("logits", "probabilities", "classes", "scores")
+# Keras' `Model.export` formats that run on the TensorFlow backend. "torch"
+# needs the PyTorch backend; this package trains on TensorFlow.
+FORMATS = ("tf_saved_model", "litert", "onnx", "openvino")
+# Python packages each format needs at export time (TensorFlow's own
+# converter writes LiteRT files; the `ai-edge-litert` runtime only loads them).
+_FORMAT_PACKAGES = {"onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def export_inference(
+    model,
+    filepath,
+    format="tf_saved_model",
+    verbose=None,
+    input_signature=None,
+    **kwargs,
+):
+    """Export the inference network (backbone + main classifier) of a model.
+
+    Same signature and formats as Keras' `Model.export`, but a `DKSModel`
+    is replaced by its `inference_model()`: the artifact holds the backbone
+    and the main classifier only, no auxiliary-head weight, and takes
+    `images` (float32, the model's input shape with a free batch size) to
+    `logits` (float32, `(batch, num_classes)`).
+
+    The network is computed in float32 whatever the dtype policy it was
+    trained under: a `mixed_bfloat16` / `mixed_float16` model keeps float32
+    weights, and the export rebuilds the same network with a float32 policy
+    on those weights, so every runtime (LiteRT and ONNX have little or no
+    half-precision support on CPU) gives the float32 numbers of the trained
+    weights. For a half-precision SavedModel export `model.inference_model()`
+    with Keras' own `export` instead.
+
+    Formats (the runtime that loads each is in brackets):
+
+    - `"tf_saved_model"`: a SavedModel folder with a `serve` endpoint, also
+      the `serving_default` signature (`tf.saved_model.load`, TF Serving,
+      `keras.layers.TFSMLayer`). Unlike Keras' own export, each weight is
+      stored once, and the reloaded object lists them in `variables`,
+      `trainable_variables` and `non_trainable_variables`.
+    - `"litert"`: a `.tflite` file (`ai_edge_litert.interpreter.Interpreter`,
+      or `tf.lite.Interpreter`). Keras converter options (e.g.
+      `optimizations=[tf.lite.Optimize.DEFAULT]`) pass through `**kwargs`.
+    - `"onnx"`: a `.onnx` file, converted by `tf2onnx` (`onnxruntime`).
+      `opset_version` passes through `**kwargs`.
+    - `"openvino"`: an OpenVINO IR `.xml` (+ `.bin`) (`openvino`).
+
+    For a TF Serving layout with probabilities, top-k classes and baked-in
+    preprocessing, use `export_saved_model`.
+
+    Args:
+        model: a `keras_dks.DKSModel`, or any single-input, single-output
+            functional / Sequential `keras.Model` whose output is logits of
+            shape `(batch, num_classes)`.
+        filepath: where to write: a folder for `"tf_saved_model"`, a file
+            ending in `.tflite` / `.onnx` / `.xml` for the others. A local
+            path, except for `"tf_saved_model"`, which any `tf.io.gfile`
+            path (`gs://...`) takes.
+        format: one of `"tf_saved_model"`, `"litert"`, `"onnx"`,
+            `"openvino"`.
+        verbose: print what was written (Keras' default for the format when
+            None).
+        input_signature: optional input spec, as in `Model.export`. Default:
+            one float32 input named `images` of the model's input shape with
+            a free batch dimension.
+        **kwargs: passed on to Keras' exporter of the format.
+
+    Returns:
+        The path written, as a `str`.
+
+    Raises:
+        ValueError: unknown format, a file name the format cannot write, a
+            remote path for a file format, or a model that is not a
+            single-output logits classifier.
+        ImportError: the converter the format needs is not installed (the
+            message names the pip package).
+
+    Example:
+    ```python
+    import numpy as np, keras, keras_dks, onnxruntime
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="s1")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="s2")(x)
+    model = keras_dks.DKSModel(keras.Model(inputs, x), num_classes=5, taps=["s1"])
+    model.export("/tmp/dks.onnx", format="onnx")   # = export_inference(model, ...)
+    images = np.random.rand(2, 16, 16, 3).astype("float32")
+    session = onnxruntime.InferenceSession("/tmp/dks.onnx")
+    logits = session.run(None, {"images": images})[0]   # (2, 5)
+    ```
+    """
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            "export_inference needs the TensorFlow backend "
+            f"(KERAS_BACKEND=tensorflow); the backend is {keras.backend.backend()!r}."
+        )
+    if format == "torch":
+        raise ValueError(
+            'format="torch" needs the PyTorch backend (KERAS_BACKEND=torch); '
+            f"keras-dks trains on TensorFlow. Use one of {list(FORMATS)}."
+        )
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}.")
+    filepath = os.fspath(filepath)
+    if format != "tf_saved_model":
+        if _URL.match(filepath):
+            raise ValueError(
+                f'format="{format}" writes local files only, got {filepath!r}: '
+                "export to a local path, then copy the file (e.g. "
+                "`gcloud storage cp model.onnx gs://bucket/`)."
+            )
+        suffix = {"litert": ".tflite", "onnx": ".onnx", "openvino": ".xml"}[format]
+        if not filepath.endswith(suffix):
+            raise ValueError(
+                f'format="{format}" writes a `{suffix}` file; got {filepath!r}. '
+                f"Name the file `<name>{suffix}`."
+            )
+    for package in _FORMAT_PACKAGES.get(format, ()):
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(
+                f'format="{format}" needs the `{package}` package: '
+                'pip install "keras-dks[export]".'
+            )
+    network = _float32_network(_serving_network(model))
+    if input_signature is None:
+        input_signature = [
+            tf.TensorSpec(
+                (None,) + tuple(network.inputs[0].shape[1:]), tf.float32, name="images"
+            )
+        ]
+    if format == "tf_saved_model":
+        _write_keras_saved_model(network, filepath, input_signature, verbose, kwargs)
+    else:
+        # The converters open the file directly: create its folder.
+        os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
+        network.export(
+            filepath,
+            format=format,
+            verbose=verbose,
+            input_signature=input_signature,
+            **kwargs,
+        )
+    return filepath
+
+
+def _write_keras_saved_model(network, filepath, input_signature, verbose, kwargs):
+    """Keras' tf_saved_model layout, each weight once and listed on reload."""
+    if kwargs:
+        raise ValueError(
+            'format="tf_saved_model" takes no extra keyword arguments on the '
+            f"TensorFlow backend; got {sorted(kwargs)}."
+        )
+    archive = keras.export.ExportArchive()
+    # No archive.track(network): it stores each weight a second time
+    # (keras-team/keras#23553). The endpoint saves the variables it uses.
+    fn = archive.add_endpoint(
+        "serve",
+        lambda images: network(images, training=False),
+        input_signature=input_signature,
+    )
+    _expose_variables(archive, fn)
+    archive.write_out(filepath, verbose=True if verbose is None else verbose)
+
+
+def _expose_variables(archive, fn):
+    """List an endpoint's variables on the reloaded object, each stored once.
+
+    The collections hold the very `tf.Variable`s the endpoint captures, so
+    the SavedModel stores each once and `loaded.variables` lists them
+    (instead of Keras' `track()`, which adds a second copy of every weight).
+    """
+    concrete = fn.get_concrete_function()
+    trainable = list(concrete.trainable_variables)
+    ids = {id(v) for v in trainable}
+    non_trainable = [v for v in concrete.variables if id(v) not in ids]
+    archive.add_variable_collection("variables", trainable + non_trainable)
+    archive.add_variable_collection("trainable_variables", trainable)
+    archive.add_variable_collection("non_trainable_variables", non_trainable)
+
+
+def _float32_network(network):
+    """The same network with a float32 dtype policy, on the same weights.
+
+    Returns `network` itself when it already computes in float32; otherwise
+    a rebuild from its config with every (mixed / half) dtype policy set to
+    float32, holding a copy of its weights.
+    """
+    changed = []
+
+    def to_float32(obj):
+        if isinstance(obj, dict):
+            if obj.get("class_name") in ("DTypePolicy", "FloatDTypePolicy") and isinstance(
+                obj.get("config"), dict
+            ):
+                if obj["config"].get("name") != "float32":
+                    changed.append(obj["config"].get("name"))
+                    return {**obj, "config": {**obj["config"], "name": "float32"}}
+                return obj
+            return {key: to_float32(value) for key, value in obj.items()}
+        if isinstance(obj, list):
+            return [to_float32(value) for value in obj]
+        return obj
+
+    config = to_float32(keras.saving.serialize_keras_object(network))
+    if not changed:
+        return network
+    try:
+        rebuilt = keras.saving.deserialize_keras_object(config)
+    except Exception as e:  # a model whose config cannot be rebuilt
+        raise ValueError(
+            f"Model {network.name!r} computes in {changed[0]} and could not be "
+            f"rebuilt in float32 from its config ({type(e).__name__}: {e}). "
+            "Rebuild it under keras.config.set_dtype_policy('float32'), copy the "
+            "weights with set_weights(model.get_weights()) and export that."
+        ) from e
+    weights = network.get_weights()
+    if [w.shape for w in rebuilt.get_weights()] != [w.shape for w in weights]:
+        raise ValueError(
+            f"Model {network.name!r} rebuilt in float32 has other weights than "
+            "the original; export it under a float32 dtype policy instead."
+        )
+    rebuilt.set_weights(weights)
+    # A rebuilt functional model returns a list of one output where the
+    # original returned a tensor.
+    return keras.Model(rebuilt.inputs[0], rebuilt.outputs[0], name=network.name)
+
+
+def _check_local(export_base):
+    if _URL.match(os.fspath(export_base)):
+        raise ValueError(
+            f"export_base must be a local folder, got {os.fspath(export_base)!r}. "
+            "A version folder is written beside its final place and renamed into "
+            "place, which object stores cannot do atomically (TF Serving could load "
+            "a half-written version). Export to a local folder, then copy the "
+            "version folder, e.g. `gcloud storage cp -r export_base/1 "
+            "gs://bucket/export_base/`."
+        )
 
 
 def export_saved_model(
@@ -58,9 +306,12 @@ def export_saved_model(
 
     Shape of `images`: `(None,) + model input shape` without preprocessing.
     With preprocessing the spatial dimensions are left free,
-    `(None, None, None, C)`: whatever the preprocessing accepts is accepted
-    (a `keras.layers.Resizing` takes any size; a size the model cannot take
-    fails at request time).
+    `(None, None, None, C)`. Either way the images (after preprocessing)
+    must have the model's input size: a request of another size fails
+    (`INVALID_ARGUMENT` naming the expected size), even for a model whose
+    layers would run at that size (TF Serving does not enforce the
+    signature's shape by itself). Include a `keras.layers.Resizing(H, W)`
+    preprocessing to serve images of any size.
 
     The version is written to a temporary folder beside the target and
     renamed into place only once complete, so TF Serving (which polls
@@ -73,7 +324,9 @@ def export_saved_model(
             single-output functional / Sequential `keras.Model` whose output
             is logits of shape `(batch, num_classes)`.
         export_base: local folder holding the numeric version folders (TF
-            Serving's `--model_base_path`). Created if missing.
+            Serving's `--model_base_path`). Created if missing. A URL
+            (`gs://...`, `s3://...`) raises `ValueError`: export locally,
+            then copy the version folder.
         version: integer version (folder name). Default: one more than the
             largest existing numeric folder, 1 for an empty or new base.
         input_dtype: `"uint8"` (raw pixels) or `"float32"`.
@@ -115,6 +368,7 @@ def export_saved_model(
             "export_saved_model needs the TensorFlow backend "
             f"(KERAS_BACKEND=tensorflow); the backend is {keras.backend.backend()!r}."
         )
+    _check_local(export_base)
     dtype = _check_input_dtype(input_dtype)
     version = _check_version(version)
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
@@ -129,6 +383,7 @@ def export_saved_model(
     k = min(int(top_k), num_classes)
 
     image_shape = tuple(network.inputs[0].shape)
+    model_shape = image_shape
     if preprocessing is not None:
         image_shape = (None,) * (len(image_shape) - 1) + image_shape[-1:]
         if isinstance(preprocessing, keras.layers.Layer) and not preprocessing.built:
@@ -152,6 +407,9 @@ def export_saved_model(
         x = tf.cast(images, tf.float32)
         if preprocessing is not None:
             x = preprocessing(x)
+        # Neither a signature nor TF Serving checks the shape of a request
+        # against the signature's input spec: check it here.
+        x = _check_image_size(x, model_shape)
         # Cast: under mixed precision the logits may be float16/bfloat16,
         # and clients expect float32 whatever the training policy was.
         logits = tf.cast(network(x, training=False), tf.float32)
@@ -174,11 +432,14 @@ def export_saved_model(
     # and TF Serving's weight memory (keras-team/keras#23553).
     # Naming the endpoint serving_default makes it the only signature (an
     # endpoint "serve" would be exported twice, as "serve" and its alias).
-    archive.add_endpoint(
+    fn = archive.add_endpoint(
         "serving_default",
         serve,
         input_signature=[tf.TensorSpec(image_shape, dtype, name="images")],
     )
+    # The reloaded SavedModel lists its weights (loaded.variables, ...),
+    # still stored once each.
+    _expose_variables(archive, fn)
 
     os.makedirs(export_base, exist_ok=True)
     # Staging folder beside the target: same filesystem, so the final
@@ -202,6 +463,37 @@ def export_saved_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_image_size(x, model_shape):
+    """Fail the request when (preprocessed) images do not fit the model.
+
+    A Keras functional model runs on inputs of another height / width when
+    its layers allow it (convolutions + global pooling do), silently giving
+    predictions for a size it was not trained on; and a SavedModel
+    signature does not enforce the static shape of its input spec on a
+    request. Serving refuses such images instead.
+    """
+    expected = [d for d in model_shape[1:]]
+    if all(d is None for d in expected):
+        return x
+    actual = tf.shape(x)[1:]
+    checks = [
+        tf.debugging.assert_equal(
+            actual[i],
+            tf.constant(d, actual.dtype),
+            message=(
+                f"images have the wrong size (after preprocessing): the model takes "
+                f"{tuple(model_shape[1:])} (height, width, channels); send images "
+                "of that size or export with a keras.layers.Resizing preprocessing. "
+                f"Axis {i + 1} differs"
+            ),
+        )
+        for i, d in enumerate(expected)
+        if d is not None
+    ]
+    with tf.control_dependencies(checks):
+        return tf.identity(x)
 
 
 def _check_input_dtype(input_dtype):
@@ -287,15 +579,32 @@ def _serving_network(model):
 
 
 def main(argv=None):
-    """`python -m keras_dks.export`: export a saved `.keras` model."""
+    """`python -m keras_dks.export`: export a saved `.keras` model.
+
+    Exits with status 2 and a one-line `error: ...` on bad arguments, a
+    missing or unreadable model file, or a refused export.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m keras_dks.export",
         description="Export a .keras classifier (a DKSModel exports its main "
-        "head only) as a TF Serving SavedModel in EXPORT_BASE/<version>/.",
+        "head only): by default as a TF Serving SavedModel in "
+        "EXPORT_BASE/<version>/; with --format tf_saved_model|litert|onnx|openvino "
+        "as Keras' Model.export artifact at OUTPUT.",
     )
     parser.add_argument("--model", required=True, help="path to a .keras file")
     parser.add_argument(
-        "--export_base", required=True, help="folder of numeric version folders"
+        "--format", choices=("serving",) + FORMATS, default="serving",
+        help="serving (default): TF Serving layout with probabilities and top-k; "
+        "otherwise Keras' Model.export format of the logits network",
+    )
+    parser.add_argument(
+        "--export_base", default=None,
+        help="--format serving: folder of numeric version folders",
+    )
+    parser.add_argument(
+        "--output", default=None,
+        help="other formats: the folder (tf_saved_model) or file "
+        "(.tflite, .onnx, .xml) to write",
     )
     parser.add_argument(
         "--version", type=int, default=None,
@@ -313,26 +622,64 @@ def main(argv=None):
         "--overwrite", action="store_true", help="replace an existing version"
     )
     args = parser.parse_args(argv)
+    serving = args.format == "serving"
+    if serving and args.export_base is None:
+        parser.error("--format serving needs --export_base")
+    if not serving:
+        if args.output is None:
+            parser.error(f"--format {args.format} needs --output")
+        used = [
+            flag
+            for flag, value, default in [
+                ("--export_base", args.export_base, None),
+                ("--version", args.version, None),
+                ("--input_dtype", args.input_dtype, "uint8"),
+                ("--top_k", args.top_k, 5),
+                ("--scale", args.scale, None),
+                ("--offset", args.offset, 0.0),
+                ("--overwrite", args.overwrite, False),
+            ]
+            if value != default
+        ]
+        if used:
+            parser.error(
+                f"{', '.join(used)} only apply to --format serving; --format "
+                f"{args.format} exports float32 images -> logits"
+            )
+    if not os.path.isfile(args.model):
+        parser.exit(2, f"error: no model file at {args.model!r} (--model takes a .keras file)\n")
 
     import keras_dks  # noqa: F401  (registers DKSModel etc. for load_model)
 
-    # compile=False: serving needs no optimizer, loss or metrics.
-    model = keras.models.load_model(args.model, compile=False)
-    preprocessing = None
-    if args.scale is not None or args.offset:
-        scale = 1.0 if args.scale is None else args.scale
-        preprocessing = keras.layers.Rescaling(scale, args.offset)
     try:
-        path = export_saved_model(
-            model,
-            args.export_base,
-            args.version,
-            input_dtype=args.input_dtype,
-            preprocessing=preprocessing,
-            top_k=args.top_k,
-            overwrite=args.overwrite,
+        # compile=False: serving needs no optimizer, loss or metrics.
+        model = keras.models.load_model(args.model, compile=False)
+    except Exception as e:  # a bad file: one line, not a traceback
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        parser.exit(
+            2,
+            f"error: cannot load {args.model!r} as a Keras model "
+            f"({type(e).__name__}: {message}); --model takes a .keras file "
+            "written by model.save\n",
         )
-    except (ValueError, FileExistsError) as e:
+    try:
+        if serving:
+            preprocessing = None
+            if args.scale is not None or args.offset:
+                scale = 1.0 if args.scale is None else args.scale
+                preprocessing = keras.layers.Rescaling(scale, args.offset)
+            path = export_saved_model(
+                model,
+                args.export_base,
+                args.version,
+                input_dtype=args.input_dtype,
+                preprocessing=preprocessing,
+                top_k=args.top_k,
+                overwrite=args.overwrite,
+            )
+        else:
+            path = export_inference(model, args.output, format=args.format, verbose=False)
+    except (ValueError, FileExistsError, ImportError) as e:
         parser.exit(2, f"error: {e}\n")
     print(path)
     return path

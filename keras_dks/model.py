@@ -498,3 +498,53 @@ class DKSModel(keras.Model):
         if isinstance(config.get("head"), dict):
             config["head"] = keras.saving.deserialize_keras_object(config["head"])
         return cls(**config)
+
+    # ------------------------------------------------------------------
+    # Export
+    # ------------------------------------------------------------------
+    def export(
+        self,
+        filepath,
+        format="tf_saved_model",
+        verbose=None,
+        input_signature=None,
+        **kwargs,
+    ):
+        """Export the inference network (backbone + main classifier).
+
+        Same arguments and formats as `keras.Model.export`
+        (`"tf_saved_model"`, `"litert"`, `"onnx"`, `"openvino"`), but the
+        artifact is `inference_model()`: no auxiliary head, one float32
+        `images` input, float32 `logits` out, computed in float32 even for a
+        model trained under a mixed precision policy. Each SavedModel weight
+        is stored once. See `keras_dks.export.export_inference`; for a TF
+        Serving layout with probabilities and top-k classes, use
+        `keras_dks.export_saved_model`.
+
+        Args:
+            filepath: folder (`"tf_saved_model"`) or file (`.tflite`,
+                `.onnx`, `.xml`) to write.
+            format: the export format.
+            verbose: print what was written.
+            input_signature: optional input spec (default: the model's
+                input shape, free batch size, float32, named `images`).
+            **kwargs: passed to Keras' exporter of the format.
+
+        Returns:
+            The path written.
+
+        Example:
+        ```python
+        model.export("model.tflite", format="litert")
+        ```
+        """
+        from keras_dks.export import export_inference
+
+        return export_inference(
+            self,
+            filepath,
+            format=format,
+            verbose=verbose,
+            input_signature=input_signature,
+            **kwargs,
+        )

@@ -87,9 +87,103 @@ def test_cifar_resnet_parameter_counts_match_the_formula():
     )
 
 
-def test_imagenet_resnets_match_torchvision_parameter_counts():
-    assert trainable_params(backbones.resnet18()) == 11_689_512
+def _torch_resnet_params(depth, num_classes=1000, branch_layers=None):
+    """torchvision's / the DHM code's ImageNet ResNet, counted by hand.
+
+    `branch_layers` adds the DHM code's two auxiliary branches
+    (`models/imagenet/resnet.py`: `layer3_head2`, `layer4_head2`, `fc_head2`
+    from conv3_x; `layer4_head1` at 1024 planes, `fc_head1` from conv4_x).
+    """
+    layers = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3),
+              101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}[depth]
+    expansion = 1 if depth < 50 else 4
+
+    def block(cin, planes, stride):
+        if expansion == 1:
+            p = 9 * cin * planes + 2 * planes + 9 * planes * planes + 2 * planes
+        else:
+            p = (cin * planes + 2 * planes + 9 * planes * planes + 2 * planes
+                 + planes * 4 * planes + 2 * 4 * planes)
+        if stride != 1 or cin != planes * expansion:  # downsample: conv + BN
+            p += cin * planes * expansion + 2 * planes * expansion
+        return p
+
+    def make_layer(cin, planes, blocks, stride):
+        total = block(cin, planes, stride)
+        total += (blocks - 1) * block(planes * expansion, planes, 1)
+        return total, planes * expansion
+
+    def fc(cin):
+        return cin * num_classes + num_classes
+
+    total, c = 49 * 3 * 64 + 2 * 64, 64
+    outs = []
+    for planes, blocks, stride in zip((64, 128, 256, 512), layers, (1, 2, 2, 2)):
+        p, c = make_layer(c, planes, blocks, stride)
+        total += p
+        outs.append(c)
+    total += fc(c)
+    if branch_layers:
+        (b1, b2), (b3,) = branch_layers
+        p1, c1 = make_layer(outs[1], 256, b1, 2)
+        p2, c2 = make_layer(c1, 512, b2, 2)
+        p3, c3 = make_layer(outs[2], 1024, b3, 2)
+        total += p1 + p2 + fc(c2) + p3 + fc(c3)
+    return total
+
+
+@pytest.fixture(scope="module")
+def imagenet_dks_models():
+    # Built once (graphs and weights only, no forward pass): 53M + 100M
+    # parameters.
+    return {
+        18: keras_dks.DKSModel(backbones.resnet18()),
+        50: keras_dks.DKSModel(backbones.resnet50()),
+    }
+
+
+def test_imagenet_resnets_match_torchvision_parameter_counts(imagenet_dks_models):
+    # torchvision's published sizes (its model zoo documentation).
+    published = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032,
+                 101: 44_549_160, 152: 60_192_808}
+    for depth, count in published.items():
+        assert _torch_resnet_params(depth) == count
+    assert trainable_params(imagenet_dks_models[18].backbone) == 11_689_512
     assert trainable_params(backbones.resnet34()) == 21_797_672
+    # The v1.5 bottleneck ResNet-50 of torchvision (stride on the 3x3 conv,
+    # bias-free convs), not keras.applications' v1 (25,583,592).
+    r50 = imagenet_dks_models[50].backbone
+    assert trainable_params(r50) == 25_557_032
+    first = "conv3_x_block0"
+    assert r50.get_layer(f"{first}_conv0").kernel.shape == (1, 1, 256, 128)
+    assert r50.get_layer(f"{first}_conv0").strides == (1, 1)
+    assert r50.get_layer(f"{first}_conv1").strides == (2, 2)
+    assert r50.get_layer(f"{first}_convdim").strides == (2, 2)
+    assert not any(getattr(l, "use_bias", False) for l in layers_of(r50, keras.layers.Conv2D))
+
+
+def test_imagenet_dks_training_networks_match_the_dhm_code(imagenet_dks_models):
+    # The DHM code's ResNet-18 training network for 1000 classes: 53,483,512
+    # trainable parameters (branch_layers [[1, 2], [2]]).
+    r18 = imagenet_dks_models[18]
+    assert r18.taps == ["conv4_x", "conv3_x"]
+    assert _torch_resnet_params(18, branch_layers=[[1, 2], [2]]) == 53_483_512
+    assert trainable_params(r18) == 53_483_512
+    # ResNet-50: branch_layers [[3, 2], [3]] with bottlenecks (a 4096-wide
+    # double-width conv5_x-like stage from conv4_x).
+    r50 = imagenet_dks_models[50]
+    assert trainable_params(r50) == _torch_resnet_params(50, branch_layers=[[3, 2], [3]])
+    assert trainable_params(r50) == 100_523_000
+    HS = heads.HeadStage
+    assert r50.backbone.dks_block_kind == "bottleneck"
+    # Widths are block outputs: planes 256, 512, 1024 times 4.
+    assert r50.backbone.dks_head_stages("conv3_x") == [HS(1024, 3, 2), HS(2048, 2, 2)]
+    assert r50.backbone.dks_head_stages("conv4_x") == [HS(4096, 3, 2)]
+    # The table for the depths not built here, as in the DHM code's
+    # resnet101 / resnet152 constructors.
+    from keras_dks.backbones import resnet
+    assert resnet.DHM_HEAD_BLOCKS[101] == [[12, 2], [3]]
+    assert resnet.DHM_HEAD_BLOCKS[152] == [[18, 2], [3]]
 
 
 # ---------------------------------------------------------------------------
@@ -171,19 +265,25 @@ def test_resnet_head_stages():
     r8 = backbones.resnet_cifar(8, 10)
     assert r8.dks_head_stages("stage0") == [HS(32, 1, 2), HS(64, 1, 2)]
 
+    # ImageNet: the DHM code's `branch_layers` by default (resnet18:
+    # [[1, 2], [2]], resnet34 and resnet50: [[3, 2], [3]]).
     r18 = backbones.resnet18(10, input_shape=(64, 64, 3))
     assert r18.dks_taps == ["conv4_x", "conv3_x"]
-    assert r18.dks_head_stages("conv3_x") == [HS(256, 2, 2), HS(512, 2, 2)]
+    assert r18.dks_block_kind == "basic"
+    assert r18.dks_head_stages("conv3_x") == [HS(256, 1, 2), HS(512, 2, 2)]
     assert r18.dks_head_stages("conv4_x") == [HS(1024, 2, 2)]
     r34 = backbones.resnet34(10, input_shape=(64, 64, 3))
-    assert r34.dks_head_stages("conv3_x") == [HS(256, 6, 2), HS(512, 2, 2)]
+    assert r34.dks_head_stages("conv3_x") == [HS(256, 3, 2), HS(512, 2, 2)]
     assert r34.dks_head_stages("conv4_x") == [HS(1024, 3, 2)]
     with pytest.raises(ValueError, match="conv2_x"):
         r34.dks_head_stages("conv2_x")
-
-    # The DHM code's block counts, by override.
-    dhm = backbones.resnet18(10, input_shape=(64, 64, 3), head_blocks=[[1, 2], [2]])
-    assert dhm.dks_head_stages("conv3_x") == [HS(256, 1, 2), HS(512, 2, 2)]
+    # The other layouts stay available.
+    copy = backbones.resnet18(10, input_shape=(64, 64, 3), head_blocks="copy")
+    assert copy.dks_head_stages("conv3_x") == [HS(256, 2, 2), HS(512, 2, 2)]
+    assert copy.dks_head_stages("conv4_x") == [HS(1024, 2, 2)]
+    own = backbones.resnet18(10, input_shape=(64, 64, 3), head_blocks=[[3, 1], [4]])
+    assert own.dks_head_stages("conv3_x") == [HS(256, 3, 2), HS(512, 1, 2)]
+    assert own.dks_head_stages("conv4_x") == [HS(1024, 4, 2)]
     dhm32 = backbones.resnet_cifar(32, 100, head_blocks=[[5, 3], [5]])
     assert dhm32.dks_head_stages("stage0") == [HS(32, 5, 2), HS(64, 3, 2)]
 
@@ -362,7 +462,8 @@ def test_save_and_load_keras_file(tmp_path):
         (lambda: backbones.wide_resnet(16, 1, 10, input_shape=(32, 32)), r"\(height, width, channels\)"),
         (lambda: backbones.resnet_cifar(33, 100), r"6n \+ 2 .*depth=33"),
         (lambda: backbones.resnet_cifar(2, 100), r"6n \+ 2 with n >= 1"),
-        (lambda: backbones.ResNet(50), r"one of \[18, 34\]"),
+        (lambda: backbones.ResNet(51), r"one of \[18, 34, 50, 101, 152\]"),
+        (lambda: backbones.resnet18(head_blocks="dks"), r"None, one of \['dhm', 'copy'\]"),
         (lambda: backbones.resnet18(head_blocks=[[1], [2]]), r"\[\[b1, b2\], \[b3\]\]"),
         (lambda: backbones.resnet_cifar(8, 10, head_blocks=[[1, 0], [2]]), "positive block"),
     ],

@@ -129,14 +129,15 @@ def test_imagenet_resnet18_mocked(tmp_path):
 
 
 def test_imagenet_resnet50_taps():
-    # ResNet-50 from keras.applications: heads after conv3_x and conv4_x.
+    # ResNet-50 from keras.applications (--arch keras_resnet50): heads after
+    # conv3_x and conv4_x.
     code = textwrap.dedent(
         """
         import sys
         sys.path.insert(0, sys.argv[1])
         from keras_dks import recipes
         from imagenet_resnet import build_backbone
-        model = recipes.build_model("dks", build_backbone("resnet50", 10, 32), num_classes=10)
+        model = recipes.build_model("dks", build_backbone("keras_resnet50", 10, 32), num_classes=10)
         print(model.taps)
         """
     )

@@ -10,7 +10,9 @@ is made of (`dks_head_stages(tap)`, `dks_block_kind`, `dks_block_config()`).
 - `WideResNet` / `wide_resnet`: the pre-activation WRN of the DKS authors'
   CIFAR code, with their auxiliary branches.
 - `CifarResNet` / `resnet_cifar`: CIFAR ResNet-(6n+2) (ResNet-32, -110).
-- `ResNet` / `resnet18`, `resnet34`: ImageNet ResNets with basic blocks.
+- `ResNet` / `resnet18`, `resnet34`: ImageNet ResNets with basic blocks;
+  `resnet50`, `resnet101`, `resnet152`: with bottlenecks (torchvision's
+  "v1.5", unlike `keras.applications.ResNet50`). Heads as in the DHM code.
 
 Example:
 ```python
@@ -24,6 +26,9 @@ model = keras_dks.DKSModel(backbone)   # heads after group0 and group1
 from keras_dks.backbones.resnet import CifarResNet
 from keras_dks.backbones.resnet import ResNet
 from keras_dks.backbones.resnet import resnet18
+from keras_dks.backbones.resnet import resnet50
+from keras_dks.backbones.resnet import resnet101
+from keras_dks.backbones.resnet import resnet152
 from keras_dks.backbones.resnet import resnet34
 from keras_dks.backbones.resnet import resnet_cifar
 from keras_dks.backbones.wrn import WideResNet
@@ -34,6 +39,9 @@ __all__ = [
     "ResNet",
     "WideResNet",
     "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnet152",
     "resnet34",
     "resnet_cifar",
     "wide_resnet",

@@ -1,10 +1,12 @@
-"""Post-activation ResNets: CIFAR ResNet-(6n+2) and ImageNet ResNet-18/34.
+"""Post-activation ResNets: CIFAR ResNet-(6n+2) and ImageNet ResNet-18 to -152.
 
-The DKS authors released no ResNet training code; the DHM code
-(d-li14/DHM, same method and head design) is the closest reference and
-is what the initialisation follows. Both models describe their auxiliary
-branches (`dks_head_stages`) so `DKSModel` builds them from the backbone's
-own basic block.
+The DKS authors released no ResNet training code (their repository has
+only an ImageNet *evaluation* script for torchvision ResNets); the DHM code
+(d-li14/DHM, `models/imagenet/resnet.py`: same method and head design) is
+the only released training code for these heads, and is what the ImageNet
+head layout and the initialisation follow. The models describe their
+auxiliary branches (`dks_head_stages`) so `DKSModel` builds them from the
+backbone's own block (basic or bottleneck).
 """
 
 import math
@@ -18,7 +20,27 @@ from keras_dks.backbones.wrn import check_num_classes
 from keras_dks.blocks import fresh_initializer
 from keras_dks.backbones.wrn import stage_end
 
-IMAGENET_STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+IMAGENET_STAGE_BLOCKS = {
+    18: (2, 2, 2, 2),
+    34: (3, 4, 6, 3),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+# Block counts of the two auxiliary branches in the DHM code
+# (d-li14/DHM models/imagenet/resnet.py, `branch_layers`):
+# [[conv4_x-like, conv5_x-like] of the head from conv3_x,
+#  [double-width conv5_x-like] of the head from conv4_x].
+# Neither the DKS nor the DHM paper gives them (both defer to supplementary
+# material), so the released code is the reference.
+DHM_HEAD_BLOCKS = {
+    18: [[1, 2], [2]],
+    34: [[3, 2], [3]],
+    50: [[3, 2], [3]],
+    101: [[12, 2], [3]],
+    152: [[18, 2], [3]],
+}
+HEAD_BLOCK_PRESETS = ("dhm", "copy")
 
 
 def _resnet_block_config(sync_batchnorm):
@@ -65,10 +87,17 @@ def _torch_linear(x, num_classes):
     )(x)
 
 
-def _check_head_blocks(head_blocks, model_name):
+def _check_head_blocks(head_blocks, model_name, presets=()):
     """`[[a, b], [c]]`: blocks of the heads from the shallow and deep tap."""
     if head_blocks is None:
         return None
+    if isinstance(head_blocks, str):
+        if head_blocks in presets:
+            return head_blocks
+        raise ValueError(
+            f"{model_name} head_blocks must be None, one of {list(presets)} or "
+            f"[[b1, b2], [b3]]; got {head_blocks!r}."
+        )
     try:
         shallow, deep = head_blocks
         shallow = [int(b) for b in shallow]
@@ -100,7 +129,7 @@ class _DKSResNetMixin:
     @property
     def dks_block_kind(self):
         """Block kind of the backbone, hence of its heads."""
-        return "basic"
+        return self._block_kind
 
     def dks_block_config(self):
         """A new `blocks.BlockConfig` with the backbone's settings."""
@@ -232,6 +261,7 @@ class CifarResNet(_DKSResNetMixin, keras.Model):
         self.head_blocks = head_blocks
         self._tap_names = ("stage0", "stage1")
         self._widths = (32, 64)
+        self._block_kind = "basic"
         self._head_blocks = head_blocks or [[n, max(n // 2, 1)], [n]]
 
     def get_config(self):
@@ -249,31 +279,43 @@ class CifarResNet(_DKSResNetMixin, keras.Model):
 
 @keras.saving.register_keras_serializable(package="keras_dks")
 class ResNet(_DKSResNetMixin, keras.Model):
-    """ImageNet ResNet-18 / ResNet-34 with basic blocks (He et al. 2016).
+    """ImageNet ResNet-18/34 (basic blocks) and ResNet-50/101/152
+    (bottlenecks), torchvision's layout (He et al. 2016; "v1.5").
 
         conv7x7/2(64) - BN - ReLU - maxpool3x3/2        "stem_*"
-        conv2_x: basic blocks, 64 channels, stride 1    -> "conv2_x"
-        conv3_x: 128 channels, stride 2                 -> "conv3_x"
-        conv4_x: 256 channels, stride 2                 -> "conv4_x"
-        conv5_x: 512 channels, stride 2                 -> "conv5_x"
+        conv2_x: blocks of width w, stride 1            -> "conv2_x"
+        conv3_x: width 2w, stride 2                     -> "conv3_x"
+        conv4_x: width 4w, stride 2                     -> "conv4_x"
+        conv5_x: width 8w, stride 2                     -> "conv5_x"
         global average pool -> Dense(num_classes)        (logits)
 
-    Blocks per stage: [2, 2, 2, 2] (18) or [3, 4, 6, 3] (34). Layer for
-    layer torchvision's model: 1x1 conv + BN projection shortcuts where the
-    shape changes, and PyTorch's symmetric padding (the stem conv pads 3,
-    the max pool 1, stride-2 3x3 convs 1; Keras' `padding="same"` would pad
-    bottom/right only). The max pool pads with zeros instead of -inf, which
-    is the same after a ReLU. ResNet-18 for 1000 classes has 11,689,512
-    trainable parameters, as torchvision's.
+    w = 64 with basic blocks (18, 34), w = 256 block outputs (inner width
+    64) with bottlenecks (50, 101, 152). Blocks per stage: [2, 2, 2, 2] (18),
+    [3, 4, 6, 3] (34, 50), [3, 4, 23, 3] (101), [3, 8, 36, 3] (152).
+    Layer for layer torchvision's model: 1x1 conv + BN projection shortcuts
+    where the shape changes, bias-free convs, the bottleneck's stride on its
+    3x3 conv ("ResNet v1.5"; `keras.applications.ResNet50` is v1: stride on
+    the first 1x1 conv and biased convs: 25,583,592 trainable parameters), and
+    PyTorch's symmetric padding (the stem conv pads 3, the max pool 1,
+    stride-2 3x3 convs 1; Keras' `padding="same"` would pad bottom/right
+    only). The max pool pads with zeros instead of -inf, which is the same
+    after a ReLU. Trainable parameters for 1000 classes, as torchvision's:
+    ResNet-18 11,689,512, ResNet-34 21,797,672, ResNet-50 25,557,032,
+    ResNet-101 44,549,160, ResNet-152 60,192,808.
 
-    Auxiliary heads (paper: after conv3_x and conv4_x): from "conv3_x" a
-    conv4_x-like stage (as many blocks as the backbone's conv4_x, 256,
-    stride 2) then a conv5_x-like stage of 2 blocks (512, stride 2); from
-    "conv4_x" a conv5_x-like stage at double width (1024, stride 2) of 2
-    blocks for ResNet-18 and 3 for ResNet-34. The DHM code's ImageNet
-    ResNets use [[1, 2], [2]] (ResNet-18) and [[3, 2], [3]] (ResNet-34),
-    i.e. fewer blocks in the conv4_x-like stage; pass them as `head_blocks`
-    to reproduce it.
+    Auxiliary heads (both papers: after conv3_x and conv4_x), made of the
+    backbone's own block: from "conv3_x" a conv4_x-like stage (width 4w,
+    stride 2) then a conv5_x-like stage (8w, stride 2); from "conv4_x" a
+    conv5_x-like stage at double width (16w, stride 2). The block counts
+    (`head_blocks`) default to those of the DHM code, the only released
+    training code for these heads (neither paper states them):
+    [[1, 2], [2]] (18), [[3, 2], [3]] (34, 50), [[12, 2], [3]] (101),
+    [[18, 2], [3]] (152). The whole ResNet-18 training network for 1000
+    classes then has 53,483,512 trainable parameters, as the DHM code's.
+    `head_blocks="copy"` gives the conv4_x-like stage as many blocks as the
+    backbone's conv4_x and the deep head as many as conv5_x (ResNet-18:
+    [[2, 2], [2]], ResNet-50: [[6, 2], [3]]), the layout these models used
+    before following the released code.
 
     Initialisation (torchvision and the DHM code): convs He-normal
     untruncated fan-out, BN gamma 1, beta 0 (epsilon 1e-5, Keras momentum
@@ -282,15 +324,16 @@ class ResNet(_DKSResNetMixin, keras.Model):
     bias.
 
     Args:
-        depth: 18 or 34.
+        depth: 18, 34, 50, 101 or 152.
         num_classes: classifier width (may be None with include_top=False).
         input_shape: (height, width, channels) of the images.
         include_top: if True, logits of shape (batch, num_classes); if False,
             the 4-D output of conv5_x, unpooled.
         sync_batchnorm: `BatchNormalization(synchronized=True)` everywhere.
-        head_blocks: `None` for the rule above, or `[[b1, b2], [b3]]`: the
-            block counts of the head from "conv3_x" (its two stages) and of
-            the head from "conv4_x".
+        head_blocks: `None` or `"dhm"` for the DHM code's block counts,
+            `"copy"` for the backbone's own counts, or `[[b1, b2], [b3]]`:
+            the block counts of the head from "conv3_x" (its two stages) and
+            of the head from "conv4_x".
         name: model name, default "resnet<depth>".
 
     Example:
@@ -299,7 +342,7 @@ class ResNet(_DKSResNetMixin, keras.Model):
     from keras_dks import backbones
     backbone = backbones.resnet18(num_classes=10, input_shape=(64, 64, 3))
     backbone.dks_taps                    # ['conv4_x', 'conv3_x']
-    backbone.dks_head_stages("conv4_x")  # [HeadStage(1024, 2, 2)]
+    backbone.dks_head_stages("conv3_x")  # [HeadStage(256, 1, 2), HeadStage(512, 2, 2)]
     logits = backbone(keras.random.uniform((2, 64, 64, 3)))  # (2, 10)
     ```
     """
@@ -318,13 +361,14 @@ class ResNet(_DKSResNetMixin, keras.Model):
         if depth not in IMAGENET_STAGE_BLOCKS or isinstance(depth, bool):
             raise ValueError(
                 f"ImageNet ResNet depth must be one of "
-                f"{sorted(IMAGENET_STAGE_BLOCKS)} (basic blocks); got "
-                f"depth={depth!r}."
+                f"{sorted(IMAGENET_STAGE_BLOCKS)}; got depth={depth!r}."
             )
         num_classes = check_num_classes(num_classes, include_top)
         input_shape = check_input_shape(input_shape)
-        head_blocks = _check_head_blocks(head_blocks, "ResNet")
+        head_blocks = _check_head_blocks(head_blocks, "ResNet", HEAD_BLOCK_PRESETS)
         stage_blocks = IMAGENET_STAGE_BLOCKS[depth]
+        kind = "basic" if depth < 50 else "bottleneck"
+        widths = (64, 128, 256, 512) if kind == "basic" else (256, 512, 1024, 2048)
         config = _resnet_block_config(sync_batchnorm)
 
         inputs = keras.Input(shape=input_shape, name="images")
@@ -333,10 +377,10 @@ class ResNet(_DKSResNetMixin, keras.Model):
         x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
         x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
         for s, (filters, count, stride) in enumerate(
-            zip((64, 128, 256, 512), stage_blocks, (1, 2, 2, 2))
+            zip(widths, stage_blocks, (1, 2, 2, 2))
         ):
             x = blocks.residual_stage(
-                x, filters, count, stride, "basic", f"conv{s + 2}_x", config
+                x, filters, count, stride, kind, f"conv{s + 2}_x", config
             )
             x = stage_end(x, f"conv{s + 2}_x")
         if include_top:
@@ -353,11 +397,14 @@ class ResNet(_DKSResNetMixin, keras.Model):
         self.sync_batchnorm = sync_batchnorm
         self.head_blocks = head_blocks
         self._tap_names = ("conv3_x", "conv4_x")
-        self._widths = (256, 512)
-        self._head_blocks = head_blocks or [
-            [stage_blocks[2], 2],
-            [2 if depth == 18 else 3],
-        ]
+        self._widths = widths[2:]
+        self._block_kind = kind
+        if head_blocks is None or head_blocks == "dhm":
+            self._head_blocks = DHM_HEAD_BLOCKS[depth]
+        elif head_blocks == "copy":
+            self._head_blocks = [[stage_blocks[2], 2], [stage_blocks[3]]]
+        else:
+            self._head_blocks = head_blocks
 
     def get_config(self):
         return {
@@ -411,6 +458,10 @@ def resnet18(
 ):
     """ImageNet ResNet-18 (torchvision layout); see `ResNet`.
 
+    Basic blocks; 11,689,512 trainable parameters for 1000 classes.
+    Default heads (DHM code): [[1, 2], [2]] blocks; the whole training
+    network (`DKSModel`) has 53,483,512.
+
     Example:
     ```python
     from keras_dks import backbones
@@ -439,15 +490,111 @@ def resnet34(
 ):
     """ImageNet ResNet-34 (torchvision layout); see `ResNet`.
 
+    Basic blocks; 21,797,672 trainable parameters for 1000 classes.
+    Default heads (DHM code): [[3, 2], [3]] blocks.
+
     Example:
     ```python
     from keras_dks import backbones
     r34 = backbones.resnet34(num_classes=100, input_shape=(128, 128, 3))
-    r34.dks_head_stages("conv3_x")  # [HeadStage(256, 6, 2), HeadStage(512, 2, 2)]
+    r34.dks_head_stages("conv3_x")  # [HeadStage(256, 3, 2), HeadStage(512, 2, 2)]
     ```
     """
     return ResNet(
         34,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        include_top=include_top,
+        sync_batchnorm=sync_batchnorm,
+        head_blocks=head_blocks,
+        name=name,
+    )
+
+
+def resnet50(
+    num_classes=1000,
+    input_shape=(224, 224, 3),
+    include_top=True,
+    sync_batchnorm=False,
+    head_blocks=None,
+    name=None,
+):
+    """ImageNet ResNet-50 (torchvision layout); see `ResNet`.
+
+    Bottlenecks with the stride on the 3x3 conv (v1.5: torchvision's
+    model, which the DKS authors' released checkpoints use); 25,557,032
+    trainable parameters for 1000 classes. Default heads (DHM code):
+    [[3, 2], [3]] blocks.
+
+    Example:
+    ```python
+    from keras_dks import backbones
+    r50 = backbones.resnet50()
+    r50.dks_head_stages("conv4_x")  # [HeadStage(4096, 3, 2)]
+    ```
+    """
+    return ResNet(
+        50,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        include_top=include_top,
+        sync_batchnorm=sync_batchnorm,
+        head_blocks=head_blocks,
+        name=name,
+    )
+
+
+def resnet101(
+    num_classes=1000,
+    input_shape=(224, 224, 3),
+    include_top=True,
+    sync_batchnorm=False,
+    head_blocks=None,
+    name=None,
+):
+    """ImageNet ResNet-101 (torchvision layout); see `ResNet`.
+
+    Bottlenecks (v1.5); 44,549,160 trainable parameters for 1000
+    classes. Default heads (DHM code): [[12, 2], [3]] blocks.
+
+    Example:
+    ```python
+    from keras_dks import backbones
+    r101 = backbones.resnet101(num_classes=100)
+    ```
+    """
+    return ResNet(
+        101,
+        num_classes=num_classes,
+        input_shape=input_shape,
+        include_top=include_top,
+        sync_batchnorm=sync_batchnorm,
+        head_blocks=head_blocks,
+        name=name,
+    )
+
+
+def resnet152(
+    num_classes=1000,
+    input_shape=(224, 224, 3),
+    include_top=True,
+    sync_batchnorm=False,
+    head_blocks=None,
+    name=None,
+):
+    """ImageNet ResNet-152 (torchvision layout); see `ResNet`.
+
+    Bottlenecks (v1.5); 60,192,808 trainable parameters for 1000
+    classes. Default heads (DHM code): [[18, 2], [3]] blocks.
+
+    Example:
+    ```python
+    from keras_dks import backbones
+    r152 = backbones.resnet152(num_classes=100)
+    ```
+    """
+    return ResNet(
+        152,
         num_classes=num_classes,
         input_shape=input_shape,
         include_top=include_top,

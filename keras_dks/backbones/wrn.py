@@ -63,7 +63,12 @@ class WideResNet(keras.Model):
 
     The layers "group0", "group1", "group2" are the group outputs (the last
     block's addition); "group0" and "group1" are where the authors attach
-    their auxiliary heads (`dks_taps`, `dks_head_stages`).
+    their auxiliary heads (`dks_taps`, `dks_head_stages`). Paper vs code:
+    the DKS paper's section 4.1 speaks of three auxiliary classifiers, each
+    "after the corresponding building block having a down-sampling layer";
+    the released code has two, on the outputs of group0 and group1, i.e. on
+    the inputs of the two stride-2 groups. These taps follow the code; pass
+    `DKSModel(taps=[...])` with other layer names for another placement.
 
     Initialisation, as in the authors' code (`utils.py` of szagoruyko's
     PyTorch WRN): convs He-normal, untruncated, fan-in (`kaiming_normal`);

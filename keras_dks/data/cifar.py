@@ -81,6 +81,12 @@ def make_dataset(
         A `tf.data.Dataset` of float32 `(batch, H, W, C)` images and int64
         labels.
 
+    Raises:
+        ValueError: elements that are not unbatched `(uint8 image, integer
+            label)` pairs, images of varying size without `image_size`,
+            `mean`/`std` that do not match the channels or are on the 0-255
+            scale, a padding too large for the images, a bad batch size.
+
     Example:
     ```python
     from keras_dks.data import cifar, pipelines
@@ -88,6 +94,15 @@ def make_dataset(
     train = cifar.make_dataset(raw, training=True, batch_size=128)
     ```
     """
+    pipelines.check_positive_int(batch_size, "batch_size")
+    shape = pipelines.check_supervised_images(dataset, image_size)
+    pipelines.check_statistics(mean, std, shape[-1])
+    size = (image_size, image_size) if image_size else tuple(shape[:2])
+    if training and padding and (padding < 0 or padding >= min(size)):
+        raise ValueError(
+            f"padding {padding} does not fit {size[0]}x{size[1]} images: reflection "
+            f"padding needs 0 <= padding < {min(size)}."
+        )
     if image_size:
         def resize(image, label):
             image = tf.image.resize(image, (image_size, image_size), antialias=True)

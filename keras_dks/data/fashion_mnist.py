@@ -69,6 +69,11 @@ def read_idx(path):
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r}).")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(
+            f"{path}: truncated IDX file ({len(raw)} bytes, the header of a "
+            f"{ndim}-d array alone takes {header})."
+        )
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(raw) - header != expected:
@@ -81,6 +86,17 @@ def read_idx(path):
 
 
 def _find(data_dir, stem):
+    if not os.path.exists(data_dir):
+        raise FileNotFoundError(
+            f"Fashion-MNIST folder {data_dir} does not exist: pass the folder holding "
+            "the four IDX files (on Debian/Ubuntu: apt-get install "
+            f"dataset-fashion-mnist, then {DEBIAN_DIR})."
+        )
+    if not os.path.isdir(data_dir):
+        raise NotADirectoryError(
+            f"{data_dir} is a file: pass the folder holding the four Fashion-MNIST "
+            "IDX files, not one of them."
+        )
     for name in (stem + ".gz", stem):
         path = os.path.join(data_dir, name)
         if os.path.exists(path):
@@ -109,6 +125,12 @@ def load_data(data_dir=None):
         `((x_train, y_train), (x_test, y_test))`: uint8 images
         `(n, 28, 28)` and uint8 labels `(n,)`.
 
+    Raises:
+        FileNotFoundError: no such folder, or a file missing in it.
+        ValueError: files that are not IDX, or not Fashion-MNIST (image
+            size, label range, mismatched counts).
+        RuntimeError: no folder and the `keras.datasets` download failed.
+
     Example:
     ```python
     (x_train, y_train), (x_test, y_test) = load_data()
@@ -118,21 +140,45 @@ def load_data(data_dir=None):
     if data_dir is None:
         import keras
 
-        return keras.datasets.fashion_mnist.load_data()
+        try:
+            return keras.datasets.fashion_mnist.load_data()
+        except Exception as e:  # offline: urllib's error names no fix
+            raise RuntimeError(
+                "No Fashion-MNIST IDX folder given and keras.datasets could not "
+                f"download it ({type(e).__name__}: {e}). Offline, install the IDX "
+                f"files (Debian/Ubuntu: apt-get install dataset-fashion-mnist, "
+                f"which puts them in {DEBIAN_DIR}) or pass their folder as "
+                "data_dir (--data_dir)."
+            ) from e
     out = []
     for split in ("train", "test"):
-        images, labels = (read_idx(_find(data_dir, stem)) for stem in FILES[split])
+        paths = [_find(data_dir, stem) for stem in FILES[split]]
+        images, labels = (read_idx(path) for path in paths)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
                 f"{data_dir}: {split} images {images.shape} and labels "
                 f"{labels.shape} do not form an (n, h, w) / (n,) pair."
+            )
+        if images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+            raise ValueError(
+                f"{paths[0]} holds {images.dtype} images of {images.shape[1]}x"
+                f"{images.shape[2]}; Fashion-MNIST's are uint8 28x28: not the "
+                "Fashion-MNIST files?"
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+            raise ValueError(
+                f"{paths[1]} holds labels in [{labels.min()}, {labels.max()}]; "
+                f"Fashion-MNIST has {len(CLASS_NAMES)} classes (0-9): not the "
+                "Fashion-MNIST label file?"
             )
         out.append((images, labels))
     return tuple(out)
 
 
 def subset(x, y, n, seed=1234):
-    """A fixed random subset of `n` examples (all when `n` is falsy or too big)."""
+    """A fixed random subset of `n` examples (all when `n` is 0 or too big)."""
+    if n is None or n < 0:
+        raise ValueError(f"The subset size must be >= 0 (0: all), got {n}.")
     if not n or n >= len(x):
         return x, y
     idx = np.random.default_rng(seed).permutation(len(x))[:n]
@@ -171,6 +217,10 @@ def make_dataset(
             example's position in the data before shuffling (SRDL's
             example index, see `keras_dks.data.pipelines.with_index`).
 
+    Raises:
+        ValueError: images that are not uint8 grayscale, labels that are not
+            one class 0-9 per image, a padding too large, a bad batch size.
+
     Example:
     ```python
     (x, y), (xt, yt) = load_data()
@@ -179,10 +229,35 @@ def make_dataset(
     """
     from keras_dks.data import cifar
 
-    x = np.asarray(x)
+    x, y = np.asarray(x), np.asarray(y)
+    pipelines.check_positive_int(batch_size, "batch_size")
     if x.ndim == 3:
         x = x[..., None]
-    dataset = tf.data.Dataset.from_tensor_slices((x, np.asarray(y).astype("int64")))
+    if x.ndim != 4 or x.shape[-1] != 1:
+        raise ValueError(
+            f"Images must be (n, 28, 28) or (n, 28, 28, 1) grayscale, got {x.shape}."
+        )
+    if x.dtype != np.uint8:
+        raise ValueError(
+            f"Images must be uint8 in [0, 255], got {x.dtype}: the pipeline scales "
+            "by 1/255 itself (for images in [0, 1]: np.round(x * 255).astype('uint8'))."
+        )
+    if y.ndim != 1 or len(y) != len(x) or not len(x):
+        raise ValueError(
+            f"Need one integer label per image: {len(x)} images, labels of shape "
+            f"{y.shape}" + (" (one-hot? use y.argmax(-1))" if y.ndim == 2 else "") + "."
+        )
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= len(CLASS_NAMES):
+        raise ValueError(
+            f"Labels must be integer classes 0-{len(CLASS_NAMES) - 1}, got {y.dtype} "
+            f"values in [{y.min()}, {y.max()}]."
+        )
+    if training and augment and padding and not 0 < padding < min(x.shape[1:3]):
+        raise ValueError(
+            f"padding {padding} does not fit {x.shape[1]}x{x.shape[2]} images: "
+            f"reflection padding needs 0 <= padding < {min(x.shape[1:3])}."
+        )
+    dataset = tf.data.Dataset.from_tensor_slices((x, y.astype("int64")))
     if with_index:  # before shuffling: the index names the example
         from keras_dks.data.pipelines import with_index as add_index
 

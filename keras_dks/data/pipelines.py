@@ -36,6 +36,109 @@ def normalize(image, mean, std):
     return (image - mean) / std
 
 
+def check_positive_int(value, name):
+    """Raise ValueError unless `value` is an integer >= 1 (batch sizes, steps)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_statistics(mean, std, channels=None):
+    """Raise ValueError unless `mean`/`std` fit images of `channels` channels.
+
+    Normalising a 1-channel image with 3 means would broadcast it to 3
+    channels without an error, so the count is checked here.
+
+    Args:
+        mean, std: a scalar or one value per channel, on the [0, 1] scale.
+        channels: image channels (None: unknown, only `std > 0` is checked).
+
+    Example:
+    ```python
+    check_statistics((0.5, 0.5, 0.5), (0.25,) * 3, channels=3)
+    ```
+    """
+    for name, values in (("mean", mean), ("std", std)):
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim > 1 or not np.all(np.isfinite(values)):
+            raise ValueError(f"{name} must be a number or one number per channel, got {values}.")
+        n = values.size if values.ndim else 1
+        if channels is not None and n not in (1, channels):
+            raise ValueError(
+                f"{n} {name} values for images with {channels} channel(s): pass 1 or "
+                f"{channels} values (on the [0, 1] scale)."
+            )
+    if np.any(np.asarray(std, dtype=np.float64) <= 0):
+        raise ValueError(f"std must be > 0, got {std}.")
+    if np.any(np.asarray(mean, dtype=np.float64) > 1) or np.any(np.asarray(std, dtype=np.float64) > 1):
+        raise ValueError(
+            f"mean {mean} / std {std} look like 0-255 statistics; the pipelines "
+            "take them on the [0, 1] scale: divide by 255."
+        )
+
+
+def check_supervised_images(dataset, image_size=None):
+    """The image shape of an unbatched `(uint8 image, integer label)` dataset.
+
+    Catches the inputs that tf.data would turn into an obscure graph error
+    or silently into wrong values: dicts (TFDS without `as_supervised`),
+    batched data, float images (already scaled to [0, 1]: they would be
+    divided by 255 again), one-hot labels, and images of varying size
+    without `image_size`.
+
+    Args:
+        dataset: the `tf.data.Dataset` a pipeline is given.
+        image_size: the size the pipeline resizes to (None: none).
+
+    Returns:
+        The images' `tf.TensorShape` `(height, width, channels)`.
+
+    Raises:
+        ValueError: with what is wrong and how to fix it.
+
+    Example:
+    ```python
+    raw = tf.data.Dataset.from_tensor_slices((images_uint8, labels))
+    check_supervised_images(raw)   # TensorShape([32, 32, 3])
+    ```
+    """
+    spec = dataset.element_spec
+    if not (isinstance(spec, tuple) and len(spec) == 2) or not all(
+        isinstance(s, tf.TensorSpec) for s in spec
+    ):
+        raise ValueError(
+            "The dataset must yield (image, label) pairs of tensors, got elements "
+            f"{spec}. From TFDS, load with as_supervised=True (as "
+            "keras_dks.data.load_tfds does); from arrays, "
+            "tf.data.Dataset.from_tensor_slices((images, labels))."
+        )
+    image, label = spec
+    if image.shape.rank != 3:
+        raise ValueError(
+            f"Images must be unbatched (height, width, channels), got shape {image.shape}"
+            + (" (already batched? pass the dataset before .batch())" if image.shape.rank == 4
+               else " (add a channel axis: images[..., None])" if image.shape.rank == 2 else "")
+            + "."
+        )
+    if image.dtype != tf.uint8:
+        raise ValueError(
+            f"Images must be uint8 in [0, 255], got {image.dtype.name}: the pipeline "
+            "scales by 1/255 itself. Convert first, e.g. "
+            "tf.cast(tf.round(image * 255), tf.uint8) for images in [0, 1]."
+        )
+    if label.shape.rank != 0 or not (label.dtype.is_integer):
+        raise ValueError(
+            f"Labels must be integer class indices of shape (), got {label.dtype.name} "
+            f"{label.shape}" + (" (one-hot? use tf.argmax(label))" if label.shape.rank == 1 else "")
+            + "."
+        )
+    if not image_size and (image.shape[0] is None or image.shape[1] is None):
+        raise ValueError(
+            f"Images of varying size {image.shape}: pass image_size (--image_size) "
+            "to resize them to one size."
+        )
+    return image.shape
+
+
 def load_tfds(
     name,
     split,
@@ -71,6 +174,14 @@ def load_tfds(
     Returns:
         `(dataset, info)`.
 
+    Raises:
+        ValueError: unknown dataset name (with the closest names).
+        RuntimeError: preparation failed; the message names the cause (a
+            missing module, no network, a bad archive, missing manual
+            archives, an unwritable folder).
+        FileNotFoundError: `download=False` and no prepared data in
+            `data_dir`.
+
     Example:
     ```python
     train, info = load_tfds("cifar100", "train", shuffle_files=True)
@@ -78,32 +189,164 @@ def load_tfds(
     """
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = tfds_builder(name, data_dir)
     if download:
         try:
             builder.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
             )
-        except Exception as e:  # offline, or missing manual archives
-            raise RuntimeError(
-                f"Could not prepare TFDS dataset {name!r} ({type(e).__name__}: {e}). "
-                "Without internet access, pass --data_dir pointing to prepared "
-                "TFDS data (or --manual_dir holding the archives for manual "
-                "datasets such as imagenet2012)."
-            ) from e
+        except Exception as e:
+            raise RuntimeError(preparation_error(name, builder, e, manual_dir)) from e
     decoders = None
     image_key = builder.info.supervised_keys[0]
     feature = builder.info.features[image_key]
     if not decode_images and getattr(feature, "encoding_format", None) == "jpeg":
         decoders = {image_key: tfds.decode.SkipDecoding()}
-    dataset = builder.as_dataset(
-        split=split,
-        as_supervised=True,
-        shuffle_files=shuffle_files,
-        decoders=decoders,
-        read_config=tfds.ReadConfig(shuffle_seed=seed),
-    )
+    try:
+        dataset = builder.as_dataset(
+            split=split,
+            as_supervised=True,
+            shuffle_files=shuffle_files,
+            decoders=decoders,
+            read_config=tfds.ReadConfig(shuffle_seed=seed),
+        )
+    except AssertionError as e:  # TFDS' "could not find data in ..."
+        if "could not find data" not in str(e):
+            raise
+        raise FileNotFoundError(
+            f"No prepared TFDS data for {name!r} in {builder.data_dir}: pass the "
+            "data_dir (--data_dir) that holds it, or let TFDS download and "
+            "prepare it (download=True, --download)."
+        ) from e
     return dataset, builder.info
+
+
+def tfds_builder(name, data_dir=None):
+    """`tfds.builder(name, data_dir)`, with close names for an unknown one.
+
+    TFDS lists its ~1000 dataset names when a name is unknown; this names
+    the few closest instead.
+
+    Args:
+        name: TFDS name, optionally with config and version
+            (`"imagenette/160px"`, `"cifar100:3.0.2"`).
+        data_dir: TFDS data folder (TFDS default if None).
+
+    Returns:
+        The `tfds.core.DatasetBuilder` (nothing is downloaded or read).
+
+    Raises:
+        ValueError: unknown dataset name.
+
+    Example:
+    ```python
+    builder = tfds_builder("cifar100")
+    builder.info.features["image"].shape   # (32, 32, 3)
+    ```
+    """
+    import difflib
+
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        base = name.split("/")[0].split(":")[0]
+        close = difflib.get_close_matches(base, tfds.list_builders(), n=4, cutoff=0.6)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown TFDS dataset {name!r}.{hint} All names: "
+            "tensorflow_datasets.list_builders()."
+        ) from e
+
+
+def _causes(error):
+    """`error` and the exceptions it was raised from, outermost first."""
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def preparation_error(name, builder, error, manual_dir=None):
+    """The message for a failed `download_and_prepare`, naming the cause.
+
+    A missing module, no network, a corrupt archive, missing manual archives
+    and an unwritable folder each get their own fix; anything else is
+    reported as it is, without guessing.
+    """
+    import errno
+
+    causes = _causes(error)
+    root = f"{type(error).__name__}: {error}"
+    for cause in causes:
+        if isinstance(cause, ImportError):
+            module = (cause.name or "").split(".")[0] or str(cause)
+            declared = " (a dependency of keras-dks: reinstalling it installs it too)"
+            return (
+                f"Could not prepare TFDS dataset {name!r}: the Python module "
+                f"{module!r} that TFDS needs to prepare it is not installed "
+                f"({type(cause).__name__}: {cause}). Install it: pip install "
+                f"{_PIP_NAMES.get(module, module)}"
+                f"{declared if module == 'importlib_resources' else ''}."
+            )
+    for cause in causes:
+        if type(cause).__name__ == "NonMatchingChecksumError":
+            return (
+                f"Could not prepare TFDS dataset {name!r}: an archive has the wrong "
+                f"checksum (corrupt or partial download, or another file under "
+                f"the expected name). Delete it and retry. ({root})"
+            )
+    for cause in causes:
+        if _is_network_error(cause):
+            return (
+                f"Could not download TFDS dataset {name!r}: no connection to its "
+                f"server ({type(cause).__name__}: {cause}). Without internet "
+                "access, pass data_dir (--data_dir) pointing to TFDS data "
+                "prepared on another machine, or manual_dir holding the "
+                "dataset's downloaded archives."
+            )
+    for cause in causes:
+        if "Manual directory" in str(cause) or (
+            getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+            and isinstance(cause, AssertionError)
+        ):
+            return (
+                f"TFDS dataset {name!r} must be downloaded by hand: put its archives "
+                f"in a folder and pass it as manual_dir (--manual_dir); now "
+                f"{manual_dir or 'the default <data_dir>/downloads/manual'}. ({root})"
+            )
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.errno in (
+            errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EPERM
+        ):
+            return (
+                f"Could not prepare TFDS dataset {name!r} in {builder.data_dir}: "
+                f"{cause.strerror or cause}. Pass a writable data_dir (--data_dir) "
+                "with enough space."
+            )
+    return f"Could not prepare TFDS dataset {name!r} in {builder.data_dir} ({root})."
+
+
+# Modules TFDS builders import whose pip package has another name.
+_PIP_NAMES = {"cv2": "opencv-python", "PIL": "pillow", "apache_beam": "apache-beam",
+              "skimage": "scikit-image", "sklearn": "scikit-learn"}
+
+
+def _is_network_error(error):
+    import socket
+    import urllib.error
+
+    if isinstance(error, (socket.gaierror, socket.timeout, urllib.error.URLError,
+                          ConnectionError, TimeoutError)):
+        return True
+    # requests / urllib3 (what TFDS downloads with) without importing them.
+    module = type(error).__module__ or ""
+    return module.split(".")[0] in ("requests", "urllib3") and any(
+        word in type(error).__name__
+        for word in ("Connection", "Timeout", "MaxRetry", "NameResolution", "SSL", "Proxy")
+    )
 
 
 def num_examples(info, split, dataset=None):
@@ -148,7 +391,8 @@ def measure_throughput(dataset, steps=50, warmup=5):
     Args:
         dataset: a batched `tf.data.Dataset` of `(images, labels)` (or of
             images). A finite dataset may end early: then fewer steps are
-            timed.
+            timed; one that ends within the warm-up is timed on a second
+            pass.
         steps: batches to time.
         warmup: untimed batches first.
 
@@ -165,6 +409,9 @@ def measure_throughput(dataset, steps=50, warmup=5):
     iterator = iter(dataset)
     for _ in range(warmup):
         if next(iterator, None) is None:
+            # Shorter than the warm-up: time a second pass instead (it is
+            # warm now) rather than report 0 images/s.
+            iterator = iter(dataset)
             break
     images = timed = 0
     start = time.perf_counter()
@@ -176,6 +423,8 @@ def measure_throughput(dataset, steps=50, warmup=5):
         images += int(tf.nest.flatten(batch)[0].shape[0])
         timed += 1
     seconds = max(time.perf_counter() - start, 1e-9)
+    if not timed and steps > 0:
+        raise ValueError("measure_throughput: the dataset yields no batches.")
     return {
         "images_per_second": images / seconds,
         "steps_per_second": timed / seconds,

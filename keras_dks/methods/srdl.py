@@ -13,6 +13,13 @@ example index inside the compiled train step (`tf.gather` on an (n, C)
 table held in a non-trainable variable), so the training data must carry
 each example's index: `with_index` adds it to a `tf.data` pipeline, and
 NumPy inputs get it automatically.
+
+The paper's recipe (SRDL paper, section 4, "Implementation Details"): SGD
+with Nesterov momentum 0.9, lr 0.1 multiplied by 0.1 at 50 % and 75 % of
+each stage (the stage-complete schedule of its Eq. 4), weight decay 2e-4,
+batch 128, T = 3, budget M = 200 epochs for CIFAR ResNets and WRNs.
+`PAPER_RECIPE` holds these numbers; `SRDL()` without `optimizer_fn` and
+`examples/cifar100_wrn.py --method srdl` use them.
 """
 
 import contextlib
@@ -29,6 +36,112 @@ from keras_dks import utils
 from keras_dks.data.pipelines import with_index  # noqa: F401 (re-exported)
 
 
+# The SRDL paper's training recipe (section 4, Implementation Details).
+PAPER_RECIPE = {
+    "learning_rate": 0.1,
+    "momentum": 0.9,
+    "nesterov": True,
+    "drops": (0.5, 0.75),  # fractions of each stage
+    "decay": 0.1,
+    "weight_decay": 2e-4,
+    "batch_size": 128,
+    "temperature": 3.0,
+}
+
+_LABEL_ERROR = "keras_dks SRDL: label outside [0, num_classes)"
+
+
+def _probability_output(model):
+    """`"softmax"` / `"sigmoid"` if `model`'s output is made by that
+    activation (so it is not logits), else None (also when unknown)."""
+    if isinstance(model, keras.Sequential) and model.layers:
+        return _probability_output(model.layers[-1])  # built or not
+    op = model
+    if isinstance(model, keras.Model):
+        try:
+            outputs = model.outputs
+        except AttributeError:  # a subclassed model: unknown
+            return None
+        if not outputs or len(outputs) != 1:
+            return None
+        history = getattr(outputs[0], "_keras_history", None)
+        op = getattr(history, "operation", None)
+        if op is None or op is model:
+            return None
+        if isinstance(op, keras.Model):
+            return _probability_output(op)
+    if type(op).__name__ in ("Softmax", "Sigmoid"):  # layers and keras.ops
+        return type(op).__name__.lower()
+    activation = getattr(op, "activation", None)
+    for name in ("softmax", "sigmoid"):
+        if activation is getattr(keras.activations, name):
+            return name
+    return None
+
+
+def _check_logits_model(model):
+    kind = _probability_output(model)
+    if kind:
+        raise ValueError(
+            f"SRDL needs a classifier that outputs logits, but {model.name!r} "
+            f"ends with a {kind} (its stored soft targets softmax(p / T) would "
+            "be nearly uniform and the cross-entropy would take probabilities "
+            "for logits). Remove the final activation, e.g. "
+            "`Dense(num_classes)` instead of `Dense(num_classes, "
+            "activation='softmax')`; SRDL applies softmax(z / T) itself."
+        )
+
+
+def _num_classes(model):
+    outputs = getattr(model, "outputs", None)
+    if outputs and len(outputs) == 1 and outputs[0].shape[-1] is not None:
+        return int(outputs[0].shape[-1])
+    return None
+
+
+def _label_range_message(num_classes, low=None, high=None):
+    found = f" (found labels from {low} to {high})" if low is not None else ""
+    return (
+        f"SRDL labels must be integer class indices in [0, {num_classes}), "
+        f"the classifier's output width{found}; the data contains a label "
+        "outside that range. Fix the labels or build the classifier with "
+        "the right number of classes."
+    )
+
+
+def _check_labels(labels, num_classes):
+    """Raise a ValueError for integer labels outside [0, num_classes)."""
+    labels = np.asarray(labels)
+    if num_classes is None or labels.size == 0:
+        return
+    if labels.ndim == 2 and labels.shape[-1] != 1:
+        return  # one-hot / soft labels (a custom loss): nothing to index
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.equal(np.mod(labels, 1), 0)):
+            raise ValueError(
+                "SRDL labels must be integer class indices; got non-integer "
+                f"values of dtype {labels.dtype}."
+            )
+    low, high = labels.min(), labels.max()
+    if low < 0 or high >= num_classes:
+        raise ValueError(_label_range_message(num_classes, int(low), int(high)))
+
+
+def _label_errors_as_value_error(method):
+    """The in-graph label check of `SRDLModel` as a ValueError naming the fix."""
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except tf.errors.InvalidArgumentError as e:
+            if _LABEL_ERROR not in str(e):
+                raise
+            raise ValueError(_label_range_message(_num_classes(self.model))) from None
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
 
 def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
     """The SRDL paper's schedule: lr x `factor` at 50 % and 75 % of a stage.
@@ -42,17 +155,23 @@ def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
     Returns:
         A `keras.optimizers.schedules.PiecewiseConstantDecay`.
 
+    The optimizer step `round(d * stage_steps)` (0-based, the first step of
+    the epoch at fraction `d` when it falls on an epoch start) is the first
+    at the lower rate, as with PyTorch's `MultiStepLR` and
+    `keras_dks.recipes.step_schedule`; Keras' `PiecewiseConstantDecay`
+    switches after its boundary, hence the boundary one step earlier.
+
     Example:
     ```python
     lr = keras_dks.methods.srdl.step_decay(0.1, stage_steps=1000)
-    float(lr(0)), float(lr(600)), float(lr(900))   # 0.1, 0.01, 0.001
+    float(lr(499)), float(lr(500)), float(lr(750))   # 0.1, 0.01, 0.001
     ```
     """
-    # The paper's drops take effect after step round(d * stage_steps); in
-    # `step_schedule`'s epochs (of `stage_steps` steps) that is one step on.
+    # `step_schedule` counts in "epochs" of `stage_steps` steps: a drop at
+    # fraction d makes step round(d * stage_steps) the first at the new rate.
     steps = sorted({max(int(round(d * stage_steps)), 1) for d in drops})
     return utils.step_schedule(
-        initial_lr, stage_steps, [(s + 1) / stage_steps for s in steps], factor
+        initial_lr, stage_steps, [s / stage_steps for s in steps], factor
     )
 
 
@@ -89,7 +208,8 @@ class SRDLModel(keras.Model):
     non-trainable variable, read with `tf.gather` inside the compiled step.
 
     Args:
-        model: the classifier (one logits output).
+        model: the classifier (one logits output; a model ending with a
+            softmax or sigmoid raises a ValueError: SRDL needs logits).
         soft_targets: `(n, C)` array of stored probabilities, or None
             (stage 1: cross-entropy only).
         temperature: T.
@@ -135,6 +255,7 @@ class SRDLModel(keras.Model):
             raise ValueError(
                 f"distill_weight must be non-negative, got {distill_weight}."
             )
+        _check_logits_model(model)
         self.model = model
         self.temperature = float(temperature)
         self.distill_weight = float(distill_weight)
@@ -180,9 +301,30 @@ class SRDLModel(keras.Model):
         ):
             return tf.gather(table, index)
 
+    def _checked_labels(self, y, y_pred):
+        # Integer labels only: one-hot targets of a custom loss have no range.
+        if y is None or not y.dtype.is_integer:
+            return y
+        num_classes = tf.shape(y_pred)[-1]
+        checks = [
+            tf.debugging.assert_non_negative(y, message=_LABEL_ERROR),
+            tf.debugging.assert_less(
+                tf.cast(y, tf.int64), tf.cast(num_classes, tf.int64), message=_LABEL_ERROR
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(y)
+
+    fit = _label_errors_as_value_error(keras.Model.fit)
+    evaluate = _label_errors_as_value_error(keras.Model.evaluate)
+    train_on_batch = _label_errors_as_value_error(keras.Model.train_on_batch)
+    test_on_batch = _label_errors_as_value_error(keras.Model.test_on_batch)
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        if y is not None:
+            y = self._checked_labels(tf.convert_to_tensor(y), y_pred)
         loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
         )
@@ -260,10 +402,19 @@ class SRDL:
     for seeded initialisers). `restart=False` continues from the stage-1
     weights (the paper's ablation, worse).
 
-    Differences from the paper: the default optimizer follows it (SGD,
-    Nesterov momentum 0.9, lr 0.1 x0.1 at 50 % and 75 % of each stage);
-    weight decay is off by default (the paper uses 2e-4: pass
-    `weight_decay=2e-4`, coupled L2 as in PyTorch's SGD). The paper does not say whether the stored
+    Defaults follow the paper (`PAPER_RECIPE`): without `optimizer_fn`,
+    SGD with Nesterov momentum 0.9, lr 0.1 x0.1 at 50 % and 75 % of each
+    stage, and weight decay 2e-4 (coupled L2 as in PyTorch's SGD). With your
+    own `optimizer_fn` the weight decay defaults to 0, since the optimizer
+    may decay weights itself (pass `weight_decay=2e-4` for the paper's).
+
+    Checks before training: the classifier must output logits (a final
+    softmax or sigmoid raises a ValueError naming the fix), and integer
+    labels of NumPy inputs must lie in [0, num_classes); labels of a
+    `tf.data` pipeline are checked in the train step and raise the same
+    ValueError at the first bad batch.
+
+    The paper does not say whether the stored
     predictions are made on augmented images; here they are made in
     inference mode on `extraction_data` (default: one pass over the
     training data as given) - pass the un-augmented training set to match
@@ -283,7 +434,9 @@ class SRDL:
         metrics: metrics for `compile`.
         restart: re-initialise the network for stage 2.
         weight_decay: coupled L2 on all trainable variables of the
-            classifier, in both stages (see `SRDLModel`).
+            classifier, in both stages (see `SRDLModel`). None (default):
+            the paper's 2e-4 with the default optimizer, 0 with your own
+            `optimizer_fn`.
         strategy: optional `tf.distribute` strategy; models, optimizers and
             the table are created in its scope.
         compile_kwargs: extra `compile` arguments (e.g. `jit_compile`).
@@ -319,7 +472,7 @@ class SRDL:
         loss=None,
         metrics=None,
         restart=True,
-        weight_decay=0.0,
+        weight_decay=None,
         strategy=None,
         compile_kwargs=None,
     ):
@@ -342,6 +495,10 @@ class SRDL:
         self.loss = loss
         self.metrics = metrics
         self.restart = bool(restart)
+        if weight_decay is None:
+            weight_decay = (
+                PAPER_RECIPE["weight_decay"] if optimizer_fn is None else 0.0
+            )
         self.weight_decay = float(weight_decay)
         self.strategy = strategy
         self.compile_kwargs = dict(compile_kwargs or {})
@@ -353,9 +510,14 @@ class SRDL:
 
     @staticmethod
     def default_optimizer(stage_steps):
-        """The paper's optimizer for one stage (without weight decay)."""
+        """The paper's optimizer for one stage: SGD, Nesterov momentum 0.9,
+        lr 0.1 x0.1 at 50 % and 75 % of the stage (weight decay is the
+        model's `weight_decay`)."""
+        r = PAPER_RECIPE
         return keras.optimizers.SGD(
-            step_decay(0.1, stage_steps), momentum=0.9, nesterov=True
+            step_decay(r["learning_rate"], stage_steps, r["drops"], r["decay"]),
+            momentum=r["momentum"],
+            nesterov=r["nesterov"],
         )
 
     # ------------------------------------------------------------------
@@ -440,6 +602,7 @@ class SRDL:
 
 
         user_steps = steps_per_epoch
+        numpy_labels = None
         if isinstance(x, tf.data.Dataset):
             if y is not None:
                 raise ValueError("Pass labels inside the dataset, not as y.")
@@ -475,6 +638,7 @@ class SRDL:
                 steps_per_epoch = math.ceil(n / batch_size)
             num_examples = num_examples or n
             fit_data = dict(x=(images, index), y=np.asarray(y), batch_size=batch_size)
+            numpy_labels = np.asarray(y)
             if extraction_data is None:
                 extraction_data = tf.data.Dataset.from_tensor_slices(
                     ((images, index), np.asarray(y))
@@ -509,6 +673,8 @@ class SRDL:
         # Stage 1: cross-entropy, complete schedule.
         with self._scope():
             net1 = self._new_model(1)
+            if numpy_labels is not None and self.loss is None:
+                _check_labels(numpy_labels, _num_classes(net1))
             trainer1 = SRDLModel(
                 net1, temperature=self.temperature, weight_decay=self.weight_decay,
                 name="srdl_stage1",
