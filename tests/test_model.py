@@ -201,6 +201,8 @@ def test_compile_rejects_loss():
     model = DKSModel(tiny_backbone(), num_classes=3, head="simple")
     with pytest.raises(ValueError, match="computes its own loss"):
         model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="list of metrics"):
+        model.compile(optimizer="sgd", metrics={"main": ["accuracy"]})
 
 
 @pytest.mark.parametrize("bad", [5, -1])
