@@ -5,11 +5,7 @@ import pytest
 import tensorflow as tf
 
 from keras_dks import losses
-
-
-def np_log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+from helpers import np_log_softmax
 
 
 def np_softmax(z):
@@ -151,3 +147,60 @@ def test_bad_weights():
         losses.resolve_weights([1.0, 2.0], 6, "synergy_weight", "pairs")
     with pytest.raises(ValueError, match="non-negative"):
         losses.resolve_weights([1.0, float("nan")], 2, "aux_weight", "heads")
+
+
+def test_label_targets_int_onehot_and_invalid_rows():
+    t = losses.label_targets(np.array([2, 0, 5, -1]), 3, label_smoothing=0.3).numpy()
+    np.testing.assert_allclose(t[0], [0.1, 0.1, 0.8], rtol=1e-6)
+    np.testing.assert_allclose(t[1], [0.8, 0.1, 0.1], rtol=1e-6)
+    assert np.isnan(t[2]).all() and np.isnan(t[3]).all()  # out of range
+    frac = losses.label_targets(np.array([1.0, 1.5], "float32"), 3).numpy()
+    np.testing.assert_array_equal(frac[0], [0, 1, 0])
+    assert np.isnan(frac[1]).all()  # never truncated to 1
+    soft = np.array([[0.2, 0.3, 0.5]], "float32")
+    np.testing.assert_allclose(losses.label_targets(soft, 3).numpy(), soft)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.array([0, 3]), "outside that range"),
+        (np.array([0.0, 2.5]), "would be truncated"),
+        (np.array([[0.5, 0.6, 0.0]]), "sum to 1"),
+        (np.array([[-0.5, 1.5, 0.0]]), "non-negative"),
+        (np.zeros((2, 2, 2)), "fit neither"),
+    ],
+)
+def test_check_labels_names_the_problem(labels, match):
+    with pytest.raises(ValueError, match=match):
+        losses.check_labels(labels, 3)
+
+
+def test_dks_loss_terms_with_a_pair_mask_match_numpy():
+    rng = np.random.default_rng(4)
+    z = [rng.normal(size=(5, 4)).astype("float32") for _ in range(3)]
+    y = rng.integers(0, 4, 5)
+    pairs = losses.resolve_pairs("bidirectional", 3)
+    betas = [0.5, 1.0, 2.0, 1.5, 0.25, 1.0]
+    mask = np.array([1, 0, 1, 1, 0, 1], "float32")
+    terms = losses.dks_loss_terms(losses.label_targets(y, 4), z, [1.0, 0.7, 0.3],
+                                  pairs, betas, pair_mask=mask)
+    ls = [np_log_softmax(v.astype("float64")) for v in z]
+    onehot = np.eye(4)[y]
+    ce = [-(onehot * l).sum(-1) for l in ls]
+    syn = sum(m * b * -(np.exp(ls[t]) * ls[s]).sum(-1)
+              for (s, t), b, m in zip(pairs, betas, mask))
+    ref = (ce[0] + 0.7 * ce[1] + 0.3 * ce[2] + syn).mean()
+    np.testing.assert_allclose(float(terms["loss"]), ref, rtol=1e-5)
+    np.testing.assert_allclose(float(terms["synergy"]), syn.mean(), rtol=1e-5)
+    np.testing.assert_allclose([float(c) for c in terms["ce"]], [c.mean() for c in ce],
+                               rtol=1e-5)
+
+
+def test_pair_mask_is_a_function_of_seed_and_step():
+    a = losses.pair_mask(200, 0.5, seed=7, step=3).numpy()
+    b = losses.pair_mask(200, 0.5, seed=7, step=3).numpy()
+    c = losses.pair_mask(200, 0.5, seed=7, step=4).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert set(np.unique(a)) <= {0.0, 1.0} and 0.35 < a.mean() < 0.65

@@ -7,31 +7,7 @@ import tensorflow as tf
 
 import keras_dks
 from keras_dks import DKSModel
-
-
-def tiny_backbone(bn=False, size=16, name="tiny"):
-    """Stem + three stride-2 stages; stage ends are s1, s2, s3."""
-    inp = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inp)
-    for k, width in enumerate([4, 8, 16], start=1):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
-        if bn:
-            x = keras.layers.BatchNormalization(name=f"s{k}_bn")(x)
-        x = keras.layers.ReLU(name=f"s{k}")(x)
-    return keras.Model(inp, x, name=name)
-
-
-def np_log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def data(n=32, size=16, classes=5, seed=0):
-    rng = np.random.default_rng(seed)
-    return (
-        rng.uniform(size=(n, size, size, 3)).astype("float32"),
-        rng.integers(0, classes, n),
-    )
+from helpers import data, np_log_softmax, tiny_backbone
 
 
 def weight_count(variables):
