@@ -13,14 +13,16 @@ ROOT = os.path.dirname(keras_dks.__file__)
 
 # Lower layers first; a module may import only from its own or lower layers.
 # `callbacks` sits low: it needs only `utils`, and SRDL's two-stage driver
-# uses its SafeBackupAndRestore.
+# uses its SafeBackupAndRestore. `export` works on any Keras model (its CLI
+# imports the bare package only to register the classes for load_model), so
+# `DKSModel.export` may delegate to it.
 LAYERS = [
-    {"utils", "losses", "taps", "blocks", "distribute", "data", "callbacks"},
+    {"utils", "losses", "taps", "blocks", "distribute", "data", "callbacks", "export"},
     {"heads"},
     {"adapt", "backbones"},
     {"model"},
     {"methods"},
-    {"recipes", "plots", "export"},
+    {"recipes", "plots"},
 ]
 
 
