@@ -135,14 +135,21 @@ def pipeline_vs_training(step_seconds, batch_size, examples=10000, steps=100):
     }
 
 
+def _rotated(names, r):
+    # Each round starts with another variant, so a load drift within rounds
+    # does not always favour the same one.
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
 def latencies(fns, x, rounds, repeats=10):
     """Median latency of each fn per interleaved round: {name: [per round]}."""
     for fn in fns.values():
         fn(x)
     out = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            out[name].append(common.median_time(lambda: fn(x), repeats)[0])
+    for r in range(rounds):
+        for name in _rotated(list(fns), r):
+            out[name].append(common.median_time(lambda: fns[name](x), repeats)[0])
     return out
 
 
@@ -185,9 +192,9 @@ def measure(config):
         m.train_on_batch(x, y)
         m.train_on_batch(x, y)
     times = {v: [] for v in models}
-    for _ in range(FLAGS.rounds):
-        for v, m in models.items():
-            t, _ = common.median_time(lambda: m.train_on_batch(x, y), FLAGS.steps, warmup=1)
+    for r in range(FLAGS.rounds):
+        for v in _rotated(list(models), r):
+            t, _ = common.median_time(lambda: models[v].train_on_batch(x, y), FLAGS.steps, warmup=1)
             times[v].append(t)
     step = {v: float(np.median(t)) for v, t in times.items()}
     flops = {v: train_graph_flops(m, config) for v, m in models.items()}
