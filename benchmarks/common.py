@@ -49,6 +49,9 @@ def environment():
         "cpu_count": os.cpu_count(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
         "platform": platform.platform(),
+        # 1-minute load average when the record was made: above the core
+        # count, other processes shared the CPU with the measurement.
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -85,3 +88,17 @@ def median_time(fn, repeats, warmup=2):
         fn()
         times.append(time.perf_counter() - start)
     return float(np.median(times)), times
+
+
+def spread_verdict(rounds_a, rounds_b):
+    """Compares two settings timed in interleaved rounds.
+
+    Returns "a faster" / "b faster" only when the two sets of per-round times
+    do not overlap (every round of one is below every round of the other),
+    else "overlap: no difference resolved".
+    """
+    if max(rounds_a) < min(rounds_b):
+        return "a faster"
+    if max(rounds_b) < min(rounds_a):
+        return "b faster"
+    return "overlap: no difference resolved"

@@ -15,7 +15,9 @@ at a small input size:
   the baseline.
 
 Variants are timed in interleaved rounds and the medians compared, so slow
-phases of the machine hit all of them alike.
+phases of the machine hit all of them alike. Every ratio of times comes with
+the range of its per-round values; a difference is only called one when the
+rounds of the two settings do not overlap (`verdict_*`).
 
 Usage:
     python benchmarks/cost.py                      # writes benchmarks/results/cost.{json,md}
@@ -46,7 +48,6 @@ flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 flags.DEFINE_integer("steps", 5, "Train steps timed per round and variant.")
 flags.DEFINE_string("out", "benchmarks/results/cost", "Output path prefix.")
 flags.DEFINE_string("memory_child", None, "Internal: measure one variant's peak RSS.")
-flags.DEFINE_bool("memory_only", False, "Re-measure peak memory only, into the existing --out JSON/MD.")
 
 VARIANTS = {"baseline": dict(taps=[]), "ds": dict(pairs="none"), "dks": dict(pairs="bidirectional")}
 CONFIGS = {
@@ -134,9 +135,33 @@ def pipeline_vs_training(step_seconds, batch_size, examples=10000, steps=100):
     }
 
 
-def latency(fn, x, repeats=20):
-    fn(x)
-    return common.median_time(lambda: fn(x), repeats)[0]
+def _rotated(names, r):
+    # Each round starts with another variant, so a load drift within rounds
+    # does not always favour the same one.
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def latencies(fns, x, rounds, repeats=10):
+    """Median latency of each fn per interleaved round: {name: [per round]}."""
+    for fn in fns.values():
+        fn(x)
+    out = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in _rotated(list(fns), r):
+            out[name].append(common.median_time(lambda: fns[name](x), repeats)[0])
+    return out
+
+
+def ratio_spread(rounds_a, rounds_b):
+    """Per-round ratios a/b (same round): [min, max]."""
+    ratios = [a / b for a, b in zip(rounds_a, rounds_b)]
+    return [min(ratios), max(ratios)]
+
+
+def verdict(name_a, rounds_a, name_b, rounds_b):
+    v = common.spread_verdict(rounds_a, rounds_b)
+    return {"a faster": f"{name_a} faster", "b faster": f"{name_b} faster"}.get(v, v)
 
 
 def measure_memory_child(spec):
@@ -167,9 +192,9 @@ def measure(config):
         m.train_on_batch(x, y)
         m.train_on_batch(x, y)
     times = {v: [] for v in models}
-    for _ in range(FLAGS.rounds):
-        for v, m in models.items():
-            t, _ = common.median_time(lambda: m.train_on_batch(x, y), FLAGS.steps, warmup=1)
+    for r in range(FLAGS.rounds):
+        for v in _rotated(list(models), r):
+            t, _ = common.median_time(lambda: models[v].train_on_batch(x, y), FLAGS.steps, warmup=1)
             times[v].append(t)
     step = {v: float(np.median(t)) for v, t in times.items()}
     flops = {v: train_graph_flops(m, config) for v, m in models.items()}
@@ -184,8 +209,14 @@ def measure(config):
     with tempfile.TemporaryDirectory() as tmp:
         path = keras_dks.export_saved_model(dks, tmp, input_dtype="float32")
         saved_fn = tf.saved_model.load(path).signatures["serving_default"]
-        t_saved = latency(lambda t: saved_fn(images=t), tf.constant(xs))
-    t_serving, t_plain = latency(serve_fn, tf.constant(xs)), latency(plain_fn, tf.constant(xs))
+        lat = latencies(
+            {"plain": plain_fn, "inference_model": serve_fn,
+             "saved_model": lambda t: saved_fn(images=t)},
+            tf.constant(xs), FLAGS.rounds,
+        )
+    t_plain, t_serving, t_saved = (
+        float(np.median(lat[k])) for k in ("plain", "inference_model", "saved_model")
+    )
     rss = {v: peak_memory(config, v) for v in VARIANTS}
     t_synergy = synergy_seconds(config)
     extra = {}
@@ -196,7 +227,11 @@ def measure(config):
         "batch": CONFIGS[config][3],
         "input_shape": list(CONFIGS[config][1]),
         "step_seconds": step,
+        "step_seconds_per_round": times,
         "step_time_ratio": {v: step[v] / step["baseline"] for v in step},
+        "step_time_ratio_range": {v: ratio_spread(times[v], times["baseline"]) for v in step},
+        "dks_over_ds_step_ratio_range": ratio_spread(times["dks"], times["ds"]),
+        "verdict_dks_vs_ds": verdict("dks", times["dks"], "ds", times["ds"]),
         # Two estimates: the synergy loss timed alone, and DKS minus DS
         # (they differ only by that loss; noisy, can be negative).
         "synergy_seconds_alone": t_synergy,
@@ -214,10 +249,23 @@ def measure(config):
             "latency_ratio_inference_vs_plain": t_serving / t_plain,
             "latency_ratio_savedmodel_vs_plain": t_saved / t_plain,
             "latency_seconds_batch8": {"inference_model": t_serving, "plain": t_plain, "saved_model": t_saved},
+            "latency_seconds_batch8_per_round": lat,
+            "latency_ratio_inference_vs_plain_range": ratio_spread(lat["inference_model"], lat["plain"]),
+            "latency_ratio_savedmodel_vs_plain_range": ratio_spread(lat["saved_model"], lat["plain"]),
+            "verdict_inference_vs_plain": verdict(
+                "inference_model", lat["inference_model"], "plain", lat["plain"]
+            ),
+            "verdict_savedmodel_vs_plain": verdict(
+                "saved_model", lat["saved_model"], "plain", lat["plain"]
+            ),
         },
         "peak_rss_mb": rss,
         "peak_rss_ratio": {v: rss[v] / rss["baseline"] for v in rss},
     }
+
+
+def _with_range(value, spread):
+    return f"{value:.2f} [{spread[0]:.2f}-{spread[1]:.2f}]"
 
 
 def markdown(results, env, command):
@@ -225,8 +273,10 @@ def markdown(results, env, command):
         "# Cost of DS and DKS (ratios to the baseline, one run, one machine)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {env['cpu']} ({env['cpu_count']} cores), TensorFlow {env['tensorflow']}, "
-        f"Keras {env['keras']}, keras-dks {env['keras_dks']} ({env['git_commit']})",
+        f"Machine: {env['cpu']} ({env['cpu_count']} cores, 1-min load average "
+        f"{env['load_average_1min']:.1f} at start), TensorFlow {env['tensorflow']}, "
+        f"Keras {env['keras']}, keras-dks {env['keras_dks']} ({env['git_commit']})  ",
+        "Time ratios: median of the rounds [range of the per-round ratios].",
         "",
         "| backbone | input x batch | DS / base step time | DKS / base step time | DKS / base train FLOPs | "
         "time ratio / FLOPs ratio (DKS) | synergy share of DKS step (alone; DKS-DS) | "
@@ -238,13 +288,23 @@ def markdown(results, env, command):
         inf = r["inference"]
         lines.append(
             f"| {name} | {'x'.join(map(str, r['input_shape']))} x {r['batch']} "
-            f"| {r['step_time_ratio']['ds']:.2f} | {r['step_time_ratio']['dks']:.2f} "
+            f"| {_with_range(r['step_time_ratio']['ds'], r['step_time_ratio_range']['ds'])} "
+            f"| {_with_range(r['step_time_ratio']['dks'], r['step_time_ratio_range']['dks'])} "
             f"| {r['train_flops_ratio']['dks']:.2f} | {r['time_over_flops_ratio']['dks']:.2f} "
             f"| {100 * r['synergy_share_of_dks_step']:.2f} %; "
             f"{100 * r['dks_minus_ds_share_of_dks_step']:.1f} % "
             f"| {inf['params_inference_model'] / inf['params_plain_network']:.2f} "
-            f"| {inf['latency_ratio_inference_vs_plain']:.2f} | {inf['latency_ratio_savedmodel_vs_plain']:.2f} "
+            f"| {_with_range(inf['latency_ratio_inference_vs_plain'], inf['latency_ratio_inference_vs_plain_range'])} "
+            f"| {_with_range(inf['latency_ratio_savedmodel_vs_plain'], inf['latency_ratio_savedmodel_vs_plain_range'])} "
             f"| {r['peak_rss_ratio']['dks']:.2f} |"
+        )
+    lines.append("")
+    for name, r in results.items():
+        inf = r["inference"]
+        lines.append(
+            f"- {name}: DKS vs DS step: {r['verdict_dks_vs_ds']}; inference_model vs plain: "
+            f"{inf['verdict_inference_vs_plain']}; SavedModel vs plain: "
+            f"{inf['verdict_savedmodel_vs_plain']} (per-round times overlap = no difference resolved)."
         )
     for name, r in results.items():
         if "input_pipeline" in r:
@@ -262,18 +322,13 @@ def main(argv):
         measure_memory_child(FLAGS.memory_child)
         return
     env, command = common.environment(), common.command_line()
-    if FLAGS.memory_only:
-        with open(FLAGS.out + ".json") as f:
-            saved = json.load(f)
-        results = saved["results"]
-        for name in FLAGS.models:
-            rss = {v: peak_memory(name, v) for v in VARIANTS}
-            results[name]["peak_rss_mb"] = rss
-            results[name]["peak_rss_ratio"] = {v: rss[v] / rss["baseline"] for v in rss}
-        command = saved["command"] + "; peak memory: " + command
-    else:
-        results = {name: measure(name) for name in FLAGS.models}
-    common.write_json(FLAGS.out + ".json", {"command": command, "environment": env, "results": results})
+    results = {name: measure(name) for name in FLAGS.models}
+    config = {"models": list(FLAGS.models), "rounds": FLAGS.rounds, "steps_per_round": FLAGS.steps}
+    common.write_json(FLAGS.out + ".json", {
+        "command": command, "config": config, "environment": env,
+        "environment_end": {"load_average_1min": common.environment()["load_average_1min"]},
+        "results": results,
+    })
     with open(FLAGS.out + ".md", "w") as f:
         f.write(markdown(results, env, command))
     print(markdown(results, env, command))

@@ -96,6 +96,7 @@ def sweep(folders):
 def write(points, out_dir):
     common.write_json(os.path.join(out_dir, "summary.json"),
                       {"command": common.command_line(), "environment": common.environment(),
+                       "config": {"folders": {str(k): v["folder"] for k, v in points.items()}},
                        "points": {str(k): v for k, v in points.items()}})
     lines = [
         "# DKS vs training-set size (Fashion-MNIST, WRN-16-1, main-head test error %)",

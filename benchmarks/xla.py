@@ -5,9 +5,12 @@ every head, per-head cross-entropy, synergy loss, gradients, SGD update)
 with XLA. On CPU Keras' `jit_compile="auto"` picks False; this measures what
 forcing it gives. For each model, the same initial weights are trained with
 `jit_compile=False` and `True` in interleaved rounds (so slow phases of a
-shared machine hit both alike) and the median step times compared. The first
-call (tracing + XLA compilation) is reported separately. The two runs are
-also checked to stay numerically together.
+shared machine hit both alike; the order alternates between rounds) and the
+median step times compared. Every round's median is stored, with the range
+of the per-round time ratios: "faster" or "slower" is only concluded when the
+two settings' rounds do not overlap, so a busy machine shows up as spread,
+not as a result. The first call (tracing + XLA compilation) is reported
+separately. The two runs are also checked to stay numerically together.
 
 Usage:
     python benchmarks/xla.py                   # writes benchmarks/results/xla.json
@@ -88,13 +91,18 @@ def measure(config):
         first_call[name] = time.perf_counter() - start
     gap_first_step = _weight_gap(models)
     times = {name: [] for name in models}
-    for _ in range(FLAGS.rounds):
-        for name, model in models.items():
+    for r in range(FLAGS.rounds):
+        order = list(models) if r % 2 == 0 else list(models)[::-1]
+        for name in order:
+            model = models[name]
             t, _ = common.median_time(
                 lambda: model.train_on_batch(x, y), FLAGS.steps, warmup=1
             )
             times[name].append(t)
     step = {name: float(np.median(t)) for name, t in times.items()}
+    ratios = [a / b for a, b in zip(times["xla"], times["no_xla"])]
+    verdict = common.spread_verdict(times["xla"], times["no_xla"])
+    verdict = {"a faster": "xla faster", "b faster": "xla slower"}.get(verdict, verdict)
     steps_done = int(models["xla"].optimizer.iterations.numpy())
     return {
         "batch": CONFIGS[config][3],
@@ -104,6 +112,11 @@ def measure(config):
         "step_seconds_per_round": times,
         "speedup_xla": step["no_xla"] / step["xla"],
         "step_time_ratio_xla_over_no_xla": step["xla"] / step["no_xla"],
+        # Per-round ratio (same round, back to back): its range is the spread.
+        "step_time_ratio_per_round": ratios,
+        "step_time_ratio_range": [min(ratios), max(ratios)],
+        "step_seconds_range": {n: [min(t), max(t)] for n, t in times.items()},
+        "verdict": verdict,
         "first_call_seconds": first_call,
         "first_step_loss": first_loss,
         "train_steps_each": steps_done,
@@ -116,12 +129,17 @@ def measure(config):
 
 def main(argv):
     del argv
+    environment = common.environment()
     results = {name: measure(name) for name in FLAGS.models}
     record = {
         "command": common.command_line(),
-        "environment": common.environment(),
-        "rounds": FLAGS.rounds,
-        "steps_per_round": FLAGS.steps,
+        "config": {
+            "models": list(FLAGS.models),
+            "rounds": FLAGS.rounds,
+            "steps_per_round": FLAGS.steps,
+        },
+        "environment": environment,
+        "environment_end": {"load_average_1min": common.environment()["load_average_1min"]},
         "results": results,
     }
     common.write_json(FLAGS.out, record)
@@ -129,7 +147,9 @@ def main(argv):
         print(
             f"{name}: step {r['step_seconds']['no_xla'] * 1e3:.1f} ms without XLA, "
             f"{r['step_seconds']['xla'] * 1e3:.1f} ms with XLA "
-            f"(speed-up {r['speedup_xla']:.2f}x; first call "
+            f"(speed-up {r['speedup_xla']:.2f}x, per-round ratio "
+            f"{r['step_time_ratio_range'][0]:.2f}-{r['step_time_ratio_range'][1]:.2f}: "
+            f"{r['verdict']}; first call "
             f"{r['first_call_seconds']['no_xla']:.1f} s vs "
             f"{r['first_call_seconds']['xla']:.1f} s)"
         )

@@ -38,6 +38,28 @@ def layers_of(model, cls):
     return [l for l in model.layers if isinstance(l, cls)]
 
 
+def preact_basic_head_params(c_in, stages, num_classes):
+    """Hand count of an authors'-code WRN head: pre-activation basic blocks
+    (BN(c_in), 3x3 conv, BN, 3x3 conv, 1x1 shortcut when the width or the
+    resolution changes; convs without bias), final BN, Dense with bias.
+    `stages` is a list of (filters, blocks); every stage strides by 2."""
+    total = 0
+    for filters, blocks in stages:
+        for b in range(blocks):
+            total += 2 * c_in + 9 * c_in * filters + 2 * filters + 9 * filters * filters
+            if b == 0:  # stride 2: the shortcut is always a 1x1 conv
+                total += c_in * filters
+            c_in = filters
+    return total + 2 * c_in + c_in * num_classes + num_classes
+
+
+def test_hand_head_count_reproduces_the_authors_numbers():
+    # The formula used below, checked against the authors' code's counts
+    # for WRN-28-10 (METHOD.md section 2).
+    assert preact_basic_head_params(160, [(320, 4), (640, 2)], 100) == 20_145_060
+    assert preact_basic_head_params(320, [(1280, 4)], 100) == 107_464_420
+
+
 # ---------------------------------------------------------------------------
 # Exact sizes
 # ---------------------------------------------------------------------------
@@ -206,7 +228,30 @@ def test_outputs_are_float32_logits(build, shape):
     assert logits.dtype == np.float32
     fc = model.get_layer("fc")
     assert fc.activation is keras.activations.linear  # logits, no softmax
-    assert fc.dtype_policy.name == "float32"  # also under mixed precision
+    assert fc.dtype_policy.name == "float32"
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_logits_stay_float32_under_mixed_precision(policy):
+    original = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        models = [
+            backbones.wide_resnet(10, 1, 7, input_shape=(8, 8, 3)),
+            backbones.resnet_cifar(8, 7, input_shape=(8, 8, 3)),
+            backbones.resnet18(7, input_shape=(32, 32, 3)),
+        ]
+    finally:
+        keras.mixed_precision.set_global_policy(original)
+    low = policy.split("_")[1]
+    for model in models:
+        convs = layers_of(model, keras.layers.Conv2D)
+        assert convs and all(c.compute_dtype == low for c in convs), model.name
+        assert model.get_layer("fc").compute_dtype == "float32"
+        x = np.random.default_rng(0).uniform(size=(2,) + model.input.shape[1:])
+        logits = model(x.astype("float32"), training=False)
+        assert logits.dtype == tf.float32, model.name
+        assert np.isfinite(logits.numpy()).all()
 
 
 def test_include_top_false_returns_the_final_feature_map():
@@ -305,10 +350,105 @@ def test_dks_model_attaches_the_backbones_heads():
     backbone = backbones.wide_resnet(10, 1, 10)
     model = keras_dks.DKSModel(backbone)
     assert model.taps == ["group1", "group0"]
-    heads_total = head_params(backbone, "group1", 10) + head_params(
-        backbone, "group0", 10
-    )
+    # WRN-10-1: group0 ends at 16 channels, group1 at 32. The head from
+    # group0 = group1 (32, 1 block) + group2 (64, 1 block); from group1 =
+    # group2 at double width (128, 1 block). Counted by hand, not by the
+    # head code.
+    heads_total = preact_basic_head_params(
+        32, [(128, 1)], 10
+    ) + preact_basic_head_params(16, [(32, 1), (64, 1)], 10)
     assert trainable_params(model) == trainable_params(backbone) + heads_total
+
+
+def test_head_width_and_head_depth_resize_the_heads():
+    backbone = backbones.wide_resnet(10, 1, 10)
+    model = keras_dks.DKSModel(backbone, head_width=0.5, head_depth=3)
+    # Every head stage at half width, 3 blocks each (README: `head_width`
+    # multiplier, `head_depth` blocks per stage).
+    heads_total = preact_basic_head_params(
+        32, [(64, 3)], 10
+    ) + preact_basic_head_params(16, [(16, 3), (32, 3)], 10)
+    assert trainable_params(model) == trainable_params(backbone) + heads_total
+    # The same on a foreign backbone (heads from the default layout rule).
+    tiny = _tiny_keras_resnet(preact=True)
+    base = keras_dks.DKSModel(tiny, num_classes=5)
+    wide = keras_dks.DKSModel(tiny, num_classes=5, head_width=2.0, head_depth=1)
+    for name in base.head_names[1:]:
+        widths = {
+            m: [c.filters for c in _head_layers(m, name, keras.layers.Conv2D)]
+            for m in (base, wide)
+        }
+        assert max(widths[wide]) == 2 * max(widths[base]), name
+        three_by_three = [
+            c for c in _head_layers(wide, name, keras.layers.Conv2D) if c.kernel_size == (3, 3)
+        ]
+        assert len(three_by_three) == len(
+            [c for c in three_by_three if c.strides == (2, 2)]
+        ), "head_depth=1: every block is a stage's first (stride-2) block"
+
+
+def _tiny_keras_resnet(preact):
+    """keras.applications ResNet (v1) or ResNetV2 with the same builder,
+    4x narrower stages of 2 blocks, 64x64 input."""
+    from keras.src.applications import resnet
+
+    def stack_fn(x):
+        stack = resnet.stack_residual_blocks_v2 if preact else resnet.stack_residual_blocks_v1
+        if preact:
+            x = stack(x, 2, 2, name="conv2")
+            x = stack(x, 4, 2, name="conv3")
+            x = stack(x, 4, 2, name="conv4")
+            return stack(x, 8, 2, stride1=1, name="conv5")
+        x = stack(x, 2, 2, stride1=1, name="conv2")
+        x = stack(x, 4, 2, name="conv3")
+        x = stack(x, 4, 2, name="conv4")
+        return stack(x, 8, 2, name="conv5")
+
+    return resnet.ResNet(
+        stack_fn, preact, not preact, include_top=False, weights=None,
+        input_shape=(64, 64, 3), name="resnetv2" if preact else "resnet",
+    )
+
+
+def _head_layers(model, head_name, cls=None):
+    """The head's layers with weights, in the model's (topological) order."""
+    out = [
+        l for l in model.layers
+        if (l.name == head_name or l.name.startswith(head_name + "_")) and l.weights
+    ]
+    return [l for l in out if cls is None or isinstance(l, cls)]
+
+
+@pytest.mark.parametrize("preact", [True, False])
+def test_keras_applications_resnet_heads_use_its_block_kind(preact):
+    """README: heads are pre-activation bottlenecks for ResNetV2, post-
+    activation bottlenecks for ResNet. Checked on the layer structure."""
+    backbone = _tiny_keras_resnet(preact)
+    model = keras_dks.DKSModel(backbone, num_classes=5)
+    assert len(model.head_names) == 3
+    for name in model.head_names[1:]:
+        layers = _head_layers(model, name)
+        tap_channels = model.get_layer(model.taps[model.head_names.index(name) - 1]).output.shape[-1]
+        assert isinstance(layers[-1], keras.layers.Dense)
+        convs = [l for l in layers if isinstance(l, keras.layers.Conv2D)]
+        bns = [l for l in layers if isinstance(l, keras.layers.BatchNormalization)]
+        three = [c for c in convs if c.kernel_size == (3, 3)]
+        ones = [c for c in convs if c.kernel_size == (1, 1)]
+        assert three and len(ones) >= 2 * len(three), "bottleneck: 1x1-3x3-1x1"
+        assert {c.kernel_size for c in convs} == {(1, 1), (3, 3)}
+        # The bottleneck's inner width is a quarter of its output width.
+        assert max(c.filters for c in three) * 4 == max(c.filters for c in ones)
+        if preact:
+            # BN-ReLU on the tapped map before any conv, BN-ReLU before pooling.
+            assert isinstance(layers[0], keras.layers.BatchNormalization)
+            assert layers[0].gamma.shape == (tap_channels,)
+            assert isinstance(layers[-2], keras.layers.BatchNormalization)
+            assert len(bns) == 3 * len(three) + 1
+        else:
+            # A conv reads the tapped map; every conv is followed by its BN.
+            assert isinstance(layers[0], keras.layers.Conv2D)
+            assert layers[0].kernel.shape[2] == tap_channels
+            assert len(bns) == len(convs)
 
 
 # ---------------------------------------------------------------------------

@@ -10,10 +10,16 @@ IDX folder.
 import ast
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -27,25 +33,65 @@ _MOCK_RUNNER = textwrap.dedent(
     """
     import runpy, sys
     import tensorflow_datasets as tfds
-    script, n = sys.argv[1], int(sys.argv[2])
-    sys.argv = [script] + sys.argv[3:]
+    script, n, cpus = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    sys.argv = [script] + sys.argv[4:]
+    if cpus > 1:
+        # A 2-device machine on CPU: the CPU split into logical devices, and
+        # MirroredStrategy's default device list (all GPUs, else CPU:0) made
+        # all of them, as it is all GPUs on a multi-GPU machine.
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cpus)
+        original = tf.distribute.MirroredStrategy.__init__
+        def init(self, devices=None, cross_device_ops=None):
+            devices = devices or [f"/cpu:{k}" for k in range(cpus)]
+            original(self, devices, cross_device_ops)
+        tf.distribute.MirroredStrategy.__init__ = init
     with tfds.testing.mock_data(num_examples=n):
         runpy.run_path(script, run_name="__main__")
     """
 )
 
 
-def run_example(script, args, mock_examples=None, timeout=600):
-    """Run examples/<script> with `args`; returns stdout (fails on non-zero exit)."""
+def _command(script, args, mock_examples=None, cpus=1):
     path = os.path.join(EXAMPLES, script)
     if mock_examples:
-        cmd = [sys.executable, "-c", _MOCK_RUNNER, path, str(mock_examples)] + args
-    else:
-        cmd = [sys.executable, path] + args
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        return [sys.executable, "-c", _MOCK_RUNNER, path, str(mock_examples), str(cpus)] + args
+    assert cpus == 1
+    return [sys.executable, path] + args
+
+
+def _env(**extra):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, **extra)
+
+
+def run_example(script, args, mock_examples=None, timeout=600, cpus=1):
+    """Run examples/<script> with `args`; returns stdout (fails on non-zero exit)."""
+    cmd = _command(script, args, mock_examples, cpus)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), cwd=REPO)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
+
+
+def saved_config(path):
+    """config.json of a .keras file (read without deserialising)."""
+    with zipfile.ZipFile(path) as z:
+        return json.loads(z.read("config.json"))
+
+
+def layer_configs(config):
+    """Every layer config in a saved model config, nested models included."""
+    found = []
+    if isinstance(config, dict):
+        if "class_name" in config and isinstance(config.get("config"), dict):
+            found.append(config)
+        for v in config.values():
+            found += layer_configs(v)
+    elif isinstance(config, list):
+        for v in config:
+            found += layer_configs(v)
+    return found
 
 
 def result_line(stdout):
@@ -54,42 +100,92 @@ def result_line(stdout):
     return lines[0]
 
 
-def test_cifar100_wrn_dks_mocked(tmp_path):
+def _kill_when(proc, path, timeout=600):
+    """SIGKILL `proc` as soon as `path` exists; returns False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"{path} did not appear within {timeout} s")
+
+
+def _epochs_started(stdout):
+    return [int(m) for m in re.findall(r"^Epoch (\d+)/\d+", stdout, flags=re.M)]
+
+
+def run_killed_then_again(script, args, backup, mock_examples):
+    """README: run an example, SIGKILL it once its first epoch is committed
+    to `backup`, run the same command again. Returns (epochs finished before
+    the kill, `Epoch k/n` numbers the second run started, its stdout)."""
+    proc = subprocess.Popen(_command(script, args, mock_examples), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env(), cwd=REPO)
+    assert _kill_when(proc, backup / "training_metadata.json"), "finished before the kill"
+    done = json.loads((backup / "training_metadata.json").read_text())["epoch"]
+    out = run_example(script, args, mock_examples=mock_examples)
+    return done, _epochs_started(out), out
+
+
+def optimizer_iterations(keras_file, tmp_path):
+    """The optimizer step counter stored in a .keras file."""
+    with zipfile.ZipFile(keras_file) as z:
+        z.extract("model.weights.h5", tmp_path)
+    found = []
+    with h5py.File(tmp_path / "model.weights.h5") as f:
+        f.visititems(lambda name, obj: found.append(int(obj[()])) if name == "optimizer/vars/0" else None)
+    return found
+
+
+def test_cifar100_wrn_dks_mocked_killed_and_run_again(tmp_path):
+    """The DKS recipe end to end with --jit_compile; killed after its first
+    epoch and run again, it resumes at the start of epoch 2 with the
+    optimizer state and ends with the step count of an uninterrupted run
+    (3 epochs x 2 steps)."""
     model_dir, export_dir = tmp_path / "run", tmp_path / "export"
-    out = run_example(
-        "cifar100_wrn.py",
-        ["--depth", "10", "--width", "1", "--epochs", "2", "--steps_per_epoch", "2",
-         "--batch_size", "8", "--eval_steps", "1", "--benchmark_steps", "3",
-         "--data_dir", str(tmp_path / "tfds"), "--model_dir", str(model_dir),
-         "--export_dir", str(export_dir)],
-        mock_examples=16,
-    )
+    args = ["--depth", "10", "--width", "1", "--epochs", "3", "--steps_per_epoch", "2",
+            "--batch_size", "8", "--eval_steps", "1", "--benchmark_steps", "3", "--jit_compile",
+            "--data_dir", str(tmp_path / "tfds"), "--model_dir", str(model_dir),
+            "--export_dir", str(export_dir)]
+    done, started, out = run_killed_then_again("cifar100_wrn.py", args, model_dir / "backup", 16)
+    assert done == 1 and started == [2, 3], (done, started)
     line = result_line(out)
     assert "RESULT cifar100 WRN-10-1 dks | test error main " in line
     assert "aux_group1" in line and "aux_group0" in line and "images/s" in line
     assert "steps/s with the model" in out and "steps/s input pipeline alone" in out
     with open(model_dir / "history.json") as f:
         history = json.load(f)["history"]
-    assert len(history["val_accuracy"]) == 2 and "synergy_loss" in history
+    # One row per epoch: the killed run's first epoch kept, none repeated.
+    assert len(history["val_accuracy"]) == 3 and "synergy_loss" in history
+    assert optimizer_iterations(model_dir / "model.keras", tmp_path) == [6]
+    assert saved_config(model_dir / "model.keras")["compile_config"]["jit_compile"] is True
     for name in ("curves.png", "model.keras"):
         assert (model_dir / name).stat().st_size > 0
     assert (export_dir / "1" / "saved_model.pb").exists()
+    assert not (model_dir / "backup").exists()
 
 
-def test_cifar100_wrn_srdl_mocked(tmp_path):
+def test_cifar100_wrn_srdl_mocked_killed_in_stage_1_and_run_again(tmp_path):
+    """SRDL (2 stages of 2 epochs) killed after stage 1's first epoch: the
+    same command resumes stage 1 at its epoch 2, then runs stage 2."""
     model_dir, export_dir = tmp_path / "run", tmp_path / "export"
-    out = run_example(
-        "cifar100_wrn.py",
-        ["--method", "srdl", "--depth", "10", "--width", "1", "--epochs", "2",
-         "--batch_size", "8", "--benchmark_steps", "2",
-         "--data_dir", str(tmp_path / "tfds"), "--model_dir", str(model_dir),
-         "--export_dir", str(export_dir)],
-        mock_examples=16,
-    )
+    args = ["--method", "srdl", "--depth", "10", "--width", "1", "--epochs", "4",
+            "--batch_size", "8", "--benchmark_steps", "2",
+            "--data_dir", str(tmp_path / "tfds"), "--model_dir", str(model_dir),
+            "--export_dir", str(export_dir)]
+    done, started, out = run_killed_then_again(
+        "cifar100_wrn.py", args, model_dir / "backup" / "stage1", 16)
+    assert done == 1 and started == [2, 1, 2], (done, started)
     assert "RESULT cifar100 WRN-10-1 srdl | test error main " in result_line(out)
     with open(model_dir / "history.json") as f:
         history = json.load(f)["history"]
-    assert len(history["val_accuracy"]) == 2 and np.isfinite(history["distill_loss"][1])
+    assert len(history["val_accuracy"]) == 4
+    # Stage 1 trains on CE only; stage 2 distils.
+    assert np.isnan(history["distill_loss"][:2]).all() and np.isfinite(history["distill_loss"][2:]).all()
     # Finished: no checkpoint left behind; the final network is plain.
     assert not (model_dir / "backup").exists()
     model = keras.models.load_model(model_dir / "model.keras")
@@ -97,18 +193,111 @@ def test_cifar100_wrn_srdl_mocked(tmp_path):
     assert (export_dir / "1" / "saved_model.pb").exists()
 
 
-def test_cifar100_wrn_baseline_mirrored_mocked(tmp_path):
+def test_cifar100_wrn_mirrored_sync_bn_mixed_precision_mocked(tmp_path):
+    """The multi-GPU line of the example's docstring on 2 CPU replicas:
+    --strategy mirrored --sync_batchnorm --mixed_precision, checked on the
+    saved model (every BN synchronized, bfloat16 compute on CPU).
+    (--jit_compile runs in the single-device test above: XLA on CPU cannot
+    reach variables of another logical CPU device, TensorFlow's known XLA
+    issue "tf.Variable on a different device", nor compile collectives
+    for CPU devices, so it is not combined with a strategy here.)"""
+    model_dir = tmp_path / "run"
     out = run_example(
         "cifar100_wrn.py",
-        ["--method", "baseline", "--depth", "10", "--width", "1", "--epochs", "1",
-         "--steps_per_epoch", "2", "--batch_size", "8", "--eval_steps", "1",
-         "--benchmark_steps", "0", "--strategy", "mirrored", "--dataset", "cifar10",
-         "--data_dir", str(tmp_path / "tfds"), "--model_dir", str(tmp_path / "run")],
-        mock_examples=16,
+        ["--depth", "10", "--width", "1", "--epochs", "1", "--steps_per_epoch", "2",
+         "--batch_size", "8", "--eval_steps", "1", "--benchmark_steps", "0",
+         "--strategy", "mirrored", "--sync_batchnorm", "--mixed_precision",
+         "--data_dir", str(tmp_path / "tfds"), "--model_dir", str(model_dir)],
+        mock_examples=16, cpus=2,
     )
+    assert "2 replica(s), policy mixed_bfloat16" in out
     line = result_line(out)
-    assert "cifar10 WRN-10-1 baseline" in line and "aux" not in line
-    assert "heads ['main']" in out
+    assert "aux_group1" in line and "aux_group0" in line
+    errors = [float(e) for e in re.findall(r"(\d+\.\d+)%", line)]
+    assert errors and all(0 <= e <= 100 for e in errors), line
+    model = keras.models.load_model(model_dir / "model.keras")
+    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns += [l for l in model.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    heads_bn = [l for l in bns if l.name.startswith("aux_")]
+    assert heads_bn and len(bns) > len(heads_bn)
+    assert all(l.synchronized for l in bns)
+    # The backbone was built under the mixed policy (saved per layer).
+    layers = layer_configs(saved_config(model_dir / "model.keras")["config"])
+    convs = [l for l in layers if l["class_name"] == "Conv2D"]
+    policies = {json.dumps(l["config"]["dtype"]) for l in convs}
+    assert all("mixed_bfloat16" in p for p in policies), policies
+    with open(model_dir / "history.json") as f:
+        history = json.load(f)["history"]
+    assert np.isfinite(history["loss"]).all() and np.isfinite(history["synergy_loss"]).all()
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_cifar100_wrn_multi_worker_mocked(tmp_path):
+    """The docstring's two-worker launch on 127.0.0.1: both workers finish,
+    the chief writes --model_dir, the other worker its own folder below."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    model_dir = tmp_path / "run"
+    args = ["--depth", "10", "--width", "1", "--epochs", "2", "--steps_per_epoch", "2",
+            "--batch_size", "8", "--eval_steps", "1", "--benchmark_steps", "0",
+            "--strategy", "multi_worker", "--data_dir", str(tmp_path / "tfds"),
+            "--model_dir", str(model_dir)]
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            _command("cifar100_wrn.py", args, mock_examples=16), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=_env(TF_CONFIG=tf_config), cwd=REPO,
+        ))
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, f"worker failed:\n{out[-3000:]}\n{err[-5000:]}"
+            outs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for out in outs:
+        assert "2 replica(s)" in out  # one per worker, in sync
+        assert "RESULT cifar100 WRN-10-1 dks" in result_line(out)
+    with open(model_dir / "history.json") as f:
+        assert len(json.load(f)["history"]["loss"]) == 2
+    assert (model_dir / "workers" / "worker_1" / "history.json").exists()
+    assert not (model_dir / "backup").exists()  # finished: checkpoints gone
+
+
+def test_kd_distiller_runs_with_a_dks_teacher():
+    """examples/kd_distiller.py in-process (argparse, no absl), tiny."""
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import kd_distiller
+    finally:
+        sys.path.remove(EXAMPLES)
+    distiller = kd_distiller.main([
+        "--num-train", "64", "--num-test", "32", "--image-size", "8", "--teacher-width", "4",
+        "--student-width", "2", "--teacher-epochs", "1", "--student-epochs", "1",
+        "--batch-size", "32",
+    ])
+    assert isinstance(distiller, keras.distillation.Distiller)
+    teacher, student = distiller.teacher, distiller.student
+    # The teacher is a DKS network's inference model: backbone + main head,
+    # no auxiliary head, one output; frozen during distillation.
+    names = {l.name for l in teacher.layers}
+    assert {"s1_conv", "s2_conv", "s3_conv"} <= names
+    assert not any(n.startswith("aux") for n in names)
+    assert len(teacher.outputs) == 1 and teacher.output_shape == (None, 10)
+    assert not teacher.trainable
+    assert student.name == "student" and int(distiller.optimizer.iterations.numpy()) == 2
 
 
 def test_imagenet_resnet18_mocked(tmp_path):

@@ -430,15 +430,18 @@ def test_stop_on_non_finite_inf_inputs_and_huge_learning_rate(tmp_path):
     backup = tmp_path / "backup"
     model = make_model(light=True)
     stop = StopOnNonFiniteLoss()
+    # delete_checkpoint=False: a NaN state saved at the epoch's end would
+    # stay on disk (with the default the folder could be gone either way).
     model.fit(
         x, y, batch_size=8, epochs=3, verbose=0, shuffle=False,
-        callbacks=[stop, SafeBackupAndRestore(backup)],
+        callbacks=[stop, SafeBackupAndRestore(backup, delete_checkpoint=False)],
     )
     assert (stop.epoch, stop.batch, stop.step) == (0, 2, 3)
     assert "loss" in stop.terms and any(k.endswith("ce_loss") for k in stop.terms)
     assert "at epoch 1, batch 3 (optimizer step 3)" in stop.message
-    # The NaN state was not backed up, and the backup dir was kept.
-    assert not backup.exists() or not glob.glob(str(backup / "ckpt-*"))
+    # The NaN state was not backed up: no checkpoint, no metadata.
+    assert glob.glob(str(backup / "ckpt-*")) == []
+    assert not (backup / "training_metadata.json").exists()
 
     # A learning rate far too large diverges; raise_error turns it into an
     # exception for scripts.
