@@ -118,9 +118,11 @@ class DKSModel(keras.Model):
         head_width: multiplier on the residual heads' widths.
         head_depth: if set, blocks per stage of the residual heads.
         sync_batchnorm: use synchronized BatchNormalization in the heads.
-        pair_keep_prob: DHM's stochastic pairs: each synergy pair is kept
-            with this probability per training step (dropped pairs add
-            nothing; the same pairs on every replica). 1.0 keeps all.
+        pair_keep_prob: per-pair dropping, a library option (neither the
+            DHM paper nor its code drops single pairs): each synergy pair is
+            kept with this probability per training step (dropped pairs add
+            nothing, no rescaling; the same pairs on every replica). 1.0
+            keeps all.
         seed: seed of the pair sampling.
         name: model name.
 
@@ -601,13 +603,17 @@ class DKSModel(keras.Model):
         return labels, targets
 
     def _pair_mask(self, training):
-        """DHM: 1/0 per pair, drawn per step, identical on every replica."""
+        """1/0 per pair, drawn per step, identical on every replica."""
         if not training or self.pair_keep_prob >= 1.0 or not self.pair_list:
             return None
         step = tf.cast(self.optimizer.iterations, tf.int64)
         seed = tf.stack([tf.constant(self.seed, tf.int64), step])
         draw = tf.random.stateless_uniform([len(self.pair_list)], seed=seed)
         return tf.cast(draw < self.pair_keep_prob, "float32")
+
+    def _loss_masks(self, training):
+        """(per-head, per-pair) 0/1 multipliers of this step, None = all 1."""
+        return None, self._pair_mask(training)
 
     def compute_dks_loss(self, y, logits, sample_weight=None, training=False):
         """Every loss term, unscaled by distribution (means over the batch).
@@ -619,9 +625,12 @@ class DKSModel(keras.Model):
         _, targets = self._prepare_labels(y)
         logits = [tf.cast(z, "float32") for z in _as_list(logits)]
         ce = [losses_lib.cross_entropy(targets, z) for z in logits]
-        supervised = tf.add_n([a * c for a, c in zip(self._alphas, ce)])
+        head_mask, mask = self._loss_masks(training)
+        alphas = self._alphas
+        if head_mask is not None:
+            alphas = [a * head_mask[k] for k, a in enumerate(alphas)]
+        supervised = tf.add_n([a * c for a, c in zip(alphas, ce)])
         synergy = tf.zeros_like(ce[0])
-        mask = self._pair_mask(training)
         for k, ((s, t), beta) in enumerate(zip(self.pair_list, self._betas)):
             if beta == 0.0:
                 continue
