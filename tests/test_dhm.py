@@ -315,8 +315,9 @@ def test_pair_and_branch_masks_combine():
         branches = ref_branch_mask(model.branch_mask_seed, step, [0.5, 0.5])
         pairs = reference_pair_mask(model.seed, step, 6, 0.5)
         on = np.concatenate([[1.0], branches])
-        if on.sum() < 3 or pairs.sum() in (0, 6):
-            continue  # want all heads on and some pairs dropped, or the reverse
+        live = [pairs[k] for k, (s, t) in enumerate(model.pair_list) if on[s] * on[t]]
+        if on.sum() != 2 or len(set(live)) != 2:
+            continue  # want a branch off, and kept and dropped pairs among the rest
         model.optimizer.iterations.assign(step)
         terms = model.compute_dks_loss(y, logits, training=True)
         want_syn = sum(
