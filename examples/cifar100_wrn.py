@@ -48,7 +48,7 @@ flags.DEFINE_integer("width", 10, "WRN widening factor k.")
 flags.DEFINE_float("dropout", 0.0, "Dropout between the two convs of a block (0.3 in the paper's dropout variant).")
 flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm", "srdl"],
                   "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
-                  "dhm: DKS with stochastic pairs; srdl: two stages of epochs/2, each with the whole "
+                  "dhm: DHMModel, by default the released DHM code (the DKS loss); srdl: two stages of epochs/2, each with the whole "
                   "schedule compressed into it, the second from fresh weights learning from the "
                   "first's stored T=3 soft labels.")
 flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],

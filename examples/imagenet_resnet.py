@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("arch", "resnet18", ["resnet18", "resnet34", "resnet50"], "Backbone.")
 flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm"],
                   "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
-                  "dhm: DKS with stochastic pairs.")
+                  "dhm: DHMModel, by default the released DHM code (the DKS loss).")
 flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],
                   "Synergy pair strategy of dks/dhm.")
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (resnet18/34 and heads).")
