@@ -73,8 +73,8 @@ class _StepSource:
 
 
 def _branch_seed(seed, branch):
-    # A separate stateless stream per branch, disjoint from the pair mask's
-    # (seed, step) stream.
+    # A separate stateless stream per branch (branch -2: the branch mask),
+    # disjoint from the pair mask's (seed, step) stream.
     return int((int(seed) * 1_000_003 + 7_919 * (branch + 1)) % (2**31 - 1))
 
 
