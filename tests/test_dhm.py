@@ -83,10 +83,16 @@ def np_dhm_loss(logits, y):
     return ce + syn, syn
 
 
+@tf.function(reduce_retracing=True)
+def _stateless_uniform(seed, size):
+    return tf.random.stateless_uniform(tf.reshape(size, [-1]), seed=seed)
+
+
 def ref_uniform(seed, counter, shape=()):
-    return tf.random.stateless_uniform(
-        shape, seed=tf.constant([seed, counter], tf.int64)
-    ).numpy()
+    """`tf.random.stateless_uniform(shape, seed=[seed, counter])`."""
+    size = tf.constant(list(shape) or [1], tf.int32)
+    u = _stateless_uniform(tf.constant([seed, counter], tf.int64), size).numpy()
+    return u.reshape(shape)
 
 
 def ref_branch_mask(seed, counter, probs):
