@@ -1,6 +1,9 @@
 # Set-up and the two entry points of the README: `make demo`, `make test`.
 PYTHON ?= python
 TF_PACKAGE ?= tensorflow-cpu==2.21.0
+# PyTorch CPU wheel for the backend tests; PyPI's default torch wheel is the
+# CUDA build, so the CPU wheel comes from local disk.
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
 .PHONY: install data demo test
 
@@ -15,6 +18,11 @@ install:
 	$(PYTHON) -m pip install -q regex rich packaging kagglehub "kagglesdk==0.1.28" tokenizers sentencepiece
 	# keras-cv: the Inception-style random-resized crop of the ImageNet pipeline.
 	$(PYTHON) -m pip install -q "keras-cv==0.9.0"
+	# JAX and PyTorch on CPU: tests/test_backends.py trains DKSModel on both.
+	$(PYTHON) -c "import jax" 2>/dev/null || $(PYTHON) -m pip install -q "jax==0.10.2" "jaxlib==0.10.2"
+	@$(PYTHON) -c "import torch" 2>/dev/null || { \
+	  if [ -n "$(TORCH_WHEEL)" ]; then $(PYTHON) -m pip install -q "$(TORCH_WHEEL)"; \
+	  else echo "No CPU torch wheel found: pass TORCH_WHEEL=/path/to/torch-2.13.0+cpu-...whl"; exit 1; fi; }
 
 data:
 	# Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist (IDX files).

@@ -39,6 +39,8 @@ import re
 import keras
 from absl import logging
 
+from keras_dks import utils
+
 
 # --------------------------------------------------------------------------
 # Atomic files
@@ -48,34 +50,7 @@ def _fsync_file(path):
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path, data):
-    """Write JSON so readers see the old or the new file, never a mix.
-
-    Writes a temporary file in the same directory, flushes it to disk, then
-    `os.replace`s it over `path` (atomic on POSIX and Windows local file
-    systems) and syncs the directory.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(directory)
+atomic_write_json = utils.atomic_write_json
 
 
 def _non_finite_losses(logs):
@@ -361,6 +336,10 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
+        skipped = float((logs or {}).get("skipped_steps", 0.0) or 0.0)
+        if skipped > 0 and self.message is None:
+            self._stop_on_skipped_step(batch, skipped)
+            return
         bad = _non_finite_losses(logs)
         if not bad or self.message is not None:
             return
@@ -389,6 +368,32 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             "the inputs for NaN/inf and, under mixed_float16, keep the "
             "default loss scaling (compile(auto_scale_loss=True)). With "
             "jit_compile=True, labels outside [0, num_classes) also give NaN."
+        )
+        logging.error(self.message)
+        self.model.stop_training = True
+        if self.raise_error:
+            raise FloatingPointError(self.message)
+
+    def _stop_on_skipped_step(self, batch, skipped):
+        # DKSModel's TensorFlow train_step drops a step whose gradients are
+        # not finite (the weights stay as they were) and counts it in
+        # `skipped_steps`; the loss itself may still look finite.
+        self.epoch, self.batch = self._epoch, batch
+        optimizer = getattr(self.model, "optimizer", None)
+        self.step = (
+            int(keras.ops.convert_to_numpy(optimizer.iterations))
+            if optimizer is not None
+            else None
+        )
+        self.terms = {"skipped_steps": skipped}
+        where = f"epoch {self._epoch + 1}, batch {batch + 1}"
+        if self.step is not None:
+            where += f" (optimizer step {self.step})"
+        self.message = (
+            f"Non-finite gradients at {where}: the step was skipped, the "
+            "weights were not updated. Training stopped. Check the inputs "
+            "for NaN/inf (a NaN image gives NaN gradients even when the loss "
+            "stays finite), lower the learning rate or add gradient clipping."
         )
         logging.error(self.message)
         self.model.stop_training = True

@@ -91,12 +91,30 @@ model starts working).
 import json
 import os
 
+import keras
 import tensorflow as tf
 from keras import tree
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 KERAS_ISSUE = "https://github.com/keras-team/keras/issues/20585"
+
+
+def require_tensorflow_backend(feature):
+    """Raise a RuntimeError naming the fix unless Keras runs on TensorFlow.
+
+    Example:
+    ```python
+    require_tensorflow_backend("SavedModel export")
+    ```
+    """
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"{feature} is a TensorFlow feature (tf.distribute); KERAS_BACKEND "
+            f"is {backend!r}. Run with KERAS_BACKEND=tensorflow, or on JAX "
+            "use keras.distribution.DataParallel for multi-device training."
+        )
 
 
 def get_strategy(name="default", devices=None):
@@ -122,7 +140,11 @@ def get_strategy(name="default", devices=None):
         model = keras_dks.DKSModel(backbone, num_classes=100)
         model.compile("sgd")
     ```
+
+    `tf.distribute` is TensorFlow-only: with another `KERAS_BACKEND` this
+    raises a RuntimeError (on JAX use `keras.distribution.DataParallel`).
     """
+    require_tensorflow_backend("keras_dks.distribute.get_strategy")
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":

@@ -16,6 +16,7 @@ gradient, so training is identical and only the logged value differs.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 PAIR_STRATEGIES = ("bidirectional", "top_down", "bottom_up", "none")
@@ -143,28 +144,277 @@ def coupled_weight_decay(variables, weight_decay):
     return (float(weight_decay) / 2.0) * ops.sum(ops.stack(squares))
 
 
-def _batch_mean(per_example, sample_weight):
+def batch_mean(per_example, sample_weight=None):
+    """Keras' "sum_over_batch_size" of a per-example loss, a scalar.
+
+    Weights scale examples; the divisor stays the batch size.
+
+    Example:
+    ```python
+    batch_mean(ops.convert_to_tensor([1.0, 3.0]), [1.0, 0.0])  # 0.5
+    ```
+    """
     if sample_weight is not None:
         per_example = per_example * ops.cast(
             ops.reshape(sample_weight, (-1,)), "float32"
         )
-    # Keras' "sum_over_batch_size": weights scale examples, the divisor
-    # stays the batch size.
     return ops.sum(per_example) / ops.cast(ops.shape(per_example)[0], "float32")
 
 
-def synergy_terms(logits, pairs="bidirectional", weights=1.0):
-    """Per-example weighted synergy loss summed over pairs, shape (B,)."""
+_batch_mean = batch_mean  # old private name, kept for existing callers
+
+
+def scale_for_distribution(value):
+    """Divide a loss by the replica count under `tf.distribute`.
+
+    Gradients are SUM all-reduced across replicas, so every loss term is
+    divided by the replica count exactly once (`keras.losses.Loss` does the
+    same for its own reduction). On JAX and PyTorch, and on TensorFlow
+    without a multi-replica strategy, it returns `value` unchanged (JAX's
+    `keras.distribution.DataParallel` computes losses on the global batch).
+
+    Example:
+    ```python
+    loss = scale_for_distribution(batch_mean(per_example))
+    ```
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value * (1.0 / replicas)
+    return value
+
+
+def unscale_for_distribution(value):
+    """Inverse of `scale_for_distribution` (for logging a replica's loss)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value * float(replicas)
+    return value
+
+
+# --------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------
+def check_labels(y, num_classes):
+    """Reject labels that would train silently wrong, before any step runs.
+
+    Accepted: integer class indices in `[0, num_classes)` of shape `(batch,)`
+    or `(batch, 1)` (integral floats such as `2.0` too), or one-hot / soft
+    label rows of shape `(batch, num_classes)` that are non-negative and sum
+    to 1.
+
+    Args:
+        y: NumPy array or eager tensor of labels.
+        num_classes: the model's number of classes.
+
+    Raises:
+        ValueError: naming the first bad label and the fix.
+
+    Example:
+    ```python
+    check_labels(np.array([0, 2, 1]), num_classes=3)      # fine
+    check_labels(np.array([0.0, 2.5]), num_classes=3)     # ValueError
+    ```
+    """
+    y = np.asarray(y)
+    c = int(num_classes)
+    if y.ndim == 2 and y.shape[-1] == c and c > 1:
+        if not np.issubdtype(y.dtype, np.number):
+            raise ValueError(f"Labels must be numbers; got dtype {y.dtype}.")
+        rows = y.astype("float64")
+        bad = ~np.isfinite(rows).all(-1) | (rows < 0).any(-1)
+        bad |= np.abs(rows.sum(-1) - 1.0) > 1e-3
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"Label rows of shape (batch, {c}) are read as one-hot or soft "
+                f"labels, which must be non-negative and sum to 1; row {i} is "
+                f"{rows[i].tolist()} (sum {rows[i].sum():g}). Normalise the rows "
+                "(y / y.sum(-1, keepdims=True)) or pass integer class indices."
+            )
+        return
+    if y.ndim == 2 and y.shape[-1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(
+            f"Labels of shape {y.shape} fit neither integer class indices "
+            f"(batch,) nor one-hot vectors (batch, {c})."
+        )
+    if not np.issubdtype(y.dtype, np.number) or np.issubdtype(y.dtype, np.complexfloating):
+        raise ValueError(f"Labels must be numbers; got dtype {y.dtype}.")
+    if np.issubdtype(y.dtype, np.floating):
+        frac = ~np.isfinite(y) | (y != np.round(y))
+        if frac.any():
+            i = int(np.argmax(frac))
+            raise ValueError(
+                f"Label {y[i]!r} (example {i}) is not a class index: integer "
+                f"class indices in [0, {c}) are expected, and a float label "
+                "would be truncated. Pass integer labels, or one-hot / soft "
+                f"label rows of shape (batch, {c})."
+            )
+    out = (y < 0) | (y >= c)
+    if out.any():
+        i = int(np.argmax(out))
+        raise ValueError(
+            f"Labels must be integer class indices in [0, {c}) or one-hot/"
+            f"probability vectors of length {c}; label {y[i]!r} (example {i}) "
+            "is outside that range. Fix the labels or build the DKSModel with "
+            "the right num_classes."
+        )
+
+
+def label_targets(y, num_classes, label_smoothing=0.0):
+    """The `(batch, num_classes)` float32 target distribution of labels.
+
+    Integer labels (`(batch,)` or `(batch, 1)`) are one-hot encoded; rows of
+    length `num_classes` are used as given (one-hot or soft labels). A label
+    outside `[0, num_classes)` or with a fractional part gets a NaN row, so
+    the loss goes NaN instead of training on a wrong target (compiled steps
+    cannot raise; `check_labels` gives the clear error for array data).
+
+    Args:
+        y: labels.
+        num_classes: number of classes.
+        label_smoothing: mixes `label_smoothing / num_classes` into every
+            class.
+
+    Example:
+    ```python
+    label_targets(ops.convert_to_tensor([2, 0]), 3)   # [[0,0,1],[1,0,0]]
+    ```
+    """
+    c = int(num_classes)
+    y = ops.convert_to_tensor(y)
+    if len(y.shape) == 2 and y.shape[-1] == c:
+        targets = ops.cast(y, "float32")
+    else:
+        if len(y.shape) == 2 and y.shape[-1] == 1:
+            y = ops.squeeze(y, -1)
+        if len(y.shape) != 1:
+            raise ValueError(
+                f"Labels of shape {tuple(y.shape)} fit neither integer class "
+                f"indices (batch,) nor one-hot vectors (batch, {c})."
+            )
+        yf = ops.cast(y, "float32")
+        labels = ops.cast(y, "int32")
+        valid = ops.logical_and(
+            ops.logical_and(labels >= 0, labels < c),
+            ops.equal(ops.cast(labels, "float32"), yf),
+        )
+        targets = ops.one_hot(ops.where(valid, labels, 0), c, dtype="float32")
+        targets = ops.where(valid[:, None], targets, float("nan"))
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / c
+    return targets
+
+
+# --------------------------------------------------------------------------
+# The DKS loss
+# --------------------------------------------------------------------------
+def pair_mask(num_pairs, keep_prob, seed, step):
+    """Per-pair dropping (`pair_keep_prob`): a 1/0 float32 mask per pair.
+
+    A library option: DHM's paper masks branch locations, not single pairs.
+
+    A function of `(seed, step)` only, so every replica and a resumed run
+    draw the same mask. TensorFlow uses `tf.random.stateless_uniform` (the
+    masks of earlier releases); JAX and PyTorch use their own stateless /
+    seeded generators, so masks are reproducible per backend but differ
+    across backends.
+
+    Example:
+    ```python
+    pair_mask(6, 0.5, seed=1, step=0)   # e.g. [1., 0., 0., 1., 1., 0.]
+    ```
+    """
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        s = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(step, tf.int64)])
+        draw = tf.random.stateless_uniform([num_pairs], seed=s)
+    elif backend == "jax":
+        import jax
+
+        key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), step)
+        draw = jax.random.uniform(key, (num_pairs,))
+    else:
+        import torch
+
+        gen = torch.Generator().manual_seed(
+            (int(seed) * 1_000_003 + int(ops.convert_to_numpy(step))) % (2**63)
+        )
+        draw = ops.convert_to_tensor(torch.rand(num_pairs, generator=gen).numpy())
+    return ops.cast(draw < keep_prob, "float32")
+
+
+def dks_loss_terms(
+    targets,
+    logits,
+    head_weights,
+    pairs,
+    pair_weights,
+    pair_mask=None,
+    sample_weight=None,
+):
+    """Every term of the DKS / DS / DHM loss, each a batch mean.
+
+    Args:
+        targets: `(batch, classes)` target distribution (`label_targets`).
+        logits: list of `(batch, classes)` logits, main head first.
+        head_weights: alpha of every head (main head first).
+        pairs: list of `(student, teacher)` index pairs.
+        pair_weights: beta of every pair.
+        pair_mask: optional 0/1 weight per pair (per-pair dropping, DHM's
+            location mask).
+        sample_weight: optional `(batch,)` per-example weights.
+
+    Returns:
+        dict with `loss` (weighted CE + synergy, without regularisation),
+        `ce` (list, one per head) and `synergy`.
+
+    Example:
+    ```python
+    t = label_targets(y, 10)
+    terms = dks_loss_terms(t, [z0, z1], [1.0, 1.0], [(1, 0), (0, 1)], [1.0, 1.0])
+    ```
+    """
+    logits = [ops.cast(z, "float32") for z in logits]
+    ce = [cross_entropy(targets, z) for z in logits]
+    supervised = ce[0] * head_weights[0]
+    for a, c in zip(head_weights[1:], ce[1:]):
+        supervised = supervised + a * c
+    synergy = synergy_terms(logits, pairs, pair_weights, pair_mask=pair_mask)
+    return {
+        "loss": batch_mean(supervised + synergy, sample_weight),
+        "ce": [batch_mean(c, sample_weight) for c in ce],
+        "synergy": batch_mean(synergy, sample_weight),
+    }
+
+
+def synergy_terms(logits, pairs="bidirectional", weights=1.0, pair_mask=None):
+    """Per-example weighted synergy loss summed over pairs, shape (B,).
+
+    Args:
+        logits: list of logits, main head first.
+        pairs: pair strategy or list of `(student, teacher)` pairs.
+        weights: beta, a float or one per pair.
+        pair_mask: optional 1/0 per pair (dropped pairs add nothing).
+    """
     pair_list = resolve_pairs(pairs, len(logits))
     betas = resolve_weights(weights, len(pair_list), "synergy_weight", "pairs")
-    total = None
-    for (s, t), beta in zip(pair_list, betas):
+    total = ops.zeros(ops.shape(logits[0])[:1], "float32")
+    for k, ((s, t), beta) in enumerate(zip(pair_list, betas)):
         if beta == 0.0:
             continue
         term = beta * soft_cross_entropy(logits[t], logits[s])
-        total = term if total is None else total + term
-    if total is None:
-        total = ops.zeros(ops.shape(logits[0])[:1], "float32")
+        total = total + (term if pair_mask is None else pair_mask[k] * term)
     return total
 
 
@@ -187,4 +437,4 @@ def synergy_loss(logits, pairs="bidirectional", weights=1.0, sample_weight=None)
     loss = keras_dks.losses.synergy_loss(z, pairs="bidirectional")
     ```
     """
-    return _batch_mean(synergy_terms(logits, pairs, weights), sample_weight)
+    return batch_mean(synergy_terms(logits, pairs, weights), sample_weight)

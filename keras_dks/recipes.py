@@ -38,11 +38,15 @@ import tensorflow as tf
 from absl import logging
 
 from keras_dks import callbacks as callbacks_lib
+from keras_dks import losses as losses_lib
+from keras_dks import methods as methods_lib
+from keras_dks import utils
+from keras_dks.utils import step_schedule
 
 # Model configurations of the examples' --method flag; the examples' "srdl"
 # is a two-stage procedure (`train_srdl`), not a model configuration.
-METHODS = ("baseline", "ds", "dks", "dhm")
-PAIRS = ("bidirectional", "top_down", "bottom_up", "none")
+METHODS = methods_lib.MODEL_METHODS
+PAIRS = losses_lib.PAIR_STRATEGIES
 
 
 # ---------------------------------------------------------------------------
@@ -77,8 +81,6 @@ def build_model(method, backbone, num_classes=None, pairs="bidirectional", **kwa
     model.head_names   # ['main', 'aux_group1', 'aux_group0']
     ```
     """
-    from keras_dks import methods
-
     if method not in METHODS:
         raise ValueError(
             f"Unknown method {method!r}; use one of {METHODS}"
@@ -86,50 +88,7 @@ def build_model(method, backbone, num_classes=None, pairs="bidirectional", **kwa
         )
     if method in ("dks", "dhm"):
         kwargs["pairs"] = pairs
-    return methods.build_model(method, backbone, num_classes=num_classes, **kwargs)
-
-
-def step_schedule(lr, steps_per_epoch, boundaries, decay):
-    """Step decay by epochs: `lr * decay**k` from the start of the k-th
-    boundary epoch on.
-
-    A `keras.optimizers.schedules.PiecewiseConstantDecay` on the optimizer's
-    step counter (the number of updates already applied). Keras switches
-    to the next value *after* a boundary step, so the boundary of epoch `e`
-    is step `e * steps_per_epoch - 1`: the first update of epoch `e`
-    (0-based, step `e * steps_per_epoch`) uses the decayed rate, as
-    PyTorch's `MultiStepLR(milestones=[e])` does.
-
-    Args:
-        lr: initial learning rate.
-        steps_per_epoch: optimizer steps per epoch.
-        boundaries: epochs (0-based, may be fractional) at which the rate
-            is multiplied by `decay`, e.g. `(60, 120, 160)`. Boundaries
-            that round to the same step apply together.
-        decay: multiplier per boundary (0.2 for the CIFAR WRN recipe, 0.1
-            for ImageNet).
-
-    Returns:
-        The schedule.
-
-    Example:
-    ```python
-    s = step_schedule(0.1, 391, (60, 120, 160), 0.2)
-    float(s(60 * 391 - 1)), float(s(60 * 391))   # (0.1, 0.02)
-    ```
-    """
-    boundaries = [float(e) for e in boundaries]
-    if any(e < 0 for e in boundaries) or boundaries != sorted(boundaries):
-        raise ValueError(
-            f"Boundaries {boundaries} (epochs) must be non-negative and increasing."
-        )
-    # Boundaries that fall on the same step (short runs) decay together.
-    steps = [int(round(e * steps_per_epoch)) - 1 for e in boundaries]
-    unique = sorted(set(steps))
-    values = [lr] + [lr * decay ** sum(s <= b for s in steps) for b in unique]
-    if not unique:  # constant learning rate
-        unique, values = [2**62], [lr, lr]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(unique, values)
+    return methods_lib.build_model(method, backbone, num_classes=num_classes, **kwargs)
 
 
 def sgd(learning_rate, momentum=0.9, nesterov=False):
@@ -314,10 +273,7 @@ def _has_tensorboard():
 
 def write_json(path, obj):
     """Write `obj` as indented JSON, replacing `path` atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    utils.atomic_write_json(path, obj, indent=1, sort_keys=True)
 
 
 def train(

@@ -283,7 +283,9 @@ def test_fit_lowers_loss_and_logs_every_head():
         "loss", "ce_loss", "aux_s2_ce_loss", "aux_s1_ce_loss", "synergy_loss",
         "accuracy", "aux_s2_accuracy", "aux_s1_accuracy",
     }
-    assert expected | {"val_" + k for k in expected} == set(h)
+    # skipped_steps: training steps whose gradients were not finite.
+    assert expected | {"val_" + k for k in expected} | {"skipped_steps"} == set(h)
+    assert h["skipped_steps"] == [0.0] * 6
     assert h["loss"][-1] < 0.7 * h["loss"][0]
     assert h["ce_loss"][-1] < h["ce_loss"][0]
 
@@ -390,7 +392,7 @@ def test_baseline_has_no_aux_heads():
     model.compile(optimizer="sgd", metrics=["accuracy"])
     x, y = data(8, classes=3)
     h = model.fit(x, y, verbose=0)
-    assert set(h.history) == {"loss", "ce_loss", "synergy_loss", "accuracy"}
+    assert set(h.history) == {"loss", "ce_loss", "synergy_loss", "accuracy", "skipped_steps"}
     assert h.history["synergy_loss"] == [0.0]
 
 
@@ -453,3 +455,161 @@ def test_own_backbone_other_taps_fall_back_to_the_generic_heads():
     assert model.taps == ["group0_block0_add"]
     pool = model.get_layer("aux_group0_block0_add_pool")
     assert tuple(pool.input.shape[1:3]) == (4, 4)
+
+
+# --------------------------------------------------------------------------
+# Metrics as on a plain Keras model, per head
+# --------------------------------------------------------------------------
+def _plain_head_model(model, head):
+    # The same weights, one output: what a Keras user would evaluate.
+    index = model.head_names.index(head)
+    return keras.Model(model.inputs, model.outputs[index])
+
+
+def test_standard_metrics_match_a_plain_keras_model_per_head():
+    model = DKSModel(tiny_backbone(), num_classes=5, taps=["s2"], head="conv")
+
+    def metrics():
+        return [
+            "categorical_accuracy",
+            keras.metrics.AUC(name="auc", from_logits=True),
+            keras.metrics.Precision(name="precision", thresholds=0.0),
+            keras.metrics.TopKCategoricalAccuracy(k=2, name="top2"),
+            "mae",
+        ]
+
+    model.compile(optimizer="sgd", metrics=metrics())
+    x, y = data(24)
+    onehot = np.eye(5, dtype="float32")[y]
+    logs = model.evaluate(x, onehot, batch_size=8, verbose=0, return_dict=True)
+    for head, prefix in (("main", ""), ("aux_s2", "aux_s2_")):
+        plain = _plain_head_model(model, head)
+        plain.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                      metrics=metrics())
+        ref = plain.evaluate(x, onehot, batch_size=8, verbose=0, return_dict=True)
+        for name in ("categorical_accuracy", "auc", "precision", "top2", "mae"):
+            np.testing.assert_allclose(logs[prefix + name], ref[name], rtol=1e-5,
+                                       err_msg=prefix + name)
+        # The head's own CE log is the plain model's CE loss.
+        np.testing.assert_allclose(logs[f"{head}_ce_loss" if prefix else "ce_loss"],
+                                   ref["loss"], rtol=1e-5)
+
+
+def test_per_head_logs_have_the_values_of_each_head():
+    model = DKSModel(tiny_backbone(), num_classes=5, taps=["s1", "s2"], head="simple")
+    model.compile(optimizer="sgd", metrics=["accuracy"])
+    x, y = data(16)
+    logs = model.evaluate(x, y, batch_size=16, verbose=0, return_dict=True)
+    logits = [z.numpy().astype("float64") for z in model(x)]
+    onehot = np.eye(5)[y]
+    for name, z in zip(model.head_names, logits):
+        prefix = "" if name == "main" else f"{name}_"
+        ce = -(onehot * np_log_softmax(z)).sum(-1).mean()
+        np.testing.assert_allclose(logs[f"{prefix}ce_loss"], ce, rtol=1e-5, err_msg=name)
+        acc = keras.metrics.SparseCategoricalAccuracy()
+        acc.update_state(y, z)
+        np.testing.assert_allclose(logs[f"{prefix}accuracy"], float(acc.result()),
+                                   err_msg=name)
+    # The heads differ, so a log fed from the wrong head would show it.
+    assert len({round(logs[f"{h}_ce_loss"], 6) for h in model.head_names[1:]}) == 2
+
+
+# --------------------------------------------------------------------------
+# Named inputs
+# --------------------------------------------------------------------------
+def _named_backbone():
+    inp = keras.Input((16, 16, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="s1")(inp)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="s2")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="s3")(x)
+    return keras.Model(inp, x)
+
+
+def test_dict_inputs_work_as_for_the_plain_backbone():
+    model = DKSModel(_named_backbone(), num_classes=3, taps=["s1"], head="simple")
+    model.compile(optimizer=keras.optimizers.SGD(0.0), metrics=["accuracy"])
+    x, y = data(8, classes=3)
+    h = model.fit({"img": x}, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    ds = tf.data.Dataset.from_tensor_slices(({"img": x}, y)).batch(4)
+    ev = model.evaluate(ds, verbose=0, return_dict=True)
+    pred = model.predict({"img": x}, verbose=0)
+    np.testing.assert_allclose(pred[0], model(x)[0].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ev["loss"], h.history["loss"][0], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# Non-finite gradients
+# --------------------------------------------------------------------------
+def test_nan_image_skips_the_step_and_stops_training():
+    # No BatchNorm: a NaN input poisons the kernels' gradients only.
+    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    x, y = data(16)
+    x[9, 3, 3, 0] = np.nan  # in the third batch of 4
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x[:8], y[:8], batch_size=4, verbose=0, shuffle=False)
+    after_good = [w.copy() for w in model.get_weights()]
+    stop = keras_dks.callbacks.StopOnNonFiniteLoss()
+    h = model.fit(x, y, batch_size=4, epochs=3, verbose=0, shuffle=False,
+                  callbacks=[stop])
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert stop.message is not None and "Non-finite gradients" in stop.message
+    assert "epoch 1, batch 3" in stop.message, stop.message
+    assert stop.step == 2 + 3  # two earlier steps + three steps of this fit
+    assert len(h.history["loss"]) == 1  # stopped in the first epoch
+    assert any(not np.allclose(a, b) for a, b in zip(before, after_good))
+
+
+# --------------------------------------------------------------------------
+# Bad input (each names the fix)
+# --------------------------------------------------------------------------
+def test_float_labels_are_rejected_not_truncated():
+    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
+    model.compile(optimizer="sgd")
+    x, y = data(8)
+    yf = y.astype("float32")
+    model.fit(x, yf, verbose=0)  # integral floats are fine
+    yf[2] = 2.5
+    with pytest.raises(ValueError, match="2.5.*would be truncated"):
+        model.fit(x, yf, verbose=0)
+    with pytest.raises(ValueError, match="would be truncated"):
+        model.evaluate(x, yf, verbose=0)
+
+
+def test_soft_labels_must_sum_to_one():
+    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
+    model.compile(optimizer="sgd")
+    x, y = data(8)
+    soft = np.full((8, 5), 0.2, "float32")
+    model.fit(x, soft, verbose=0)
+    soft[4] = 1.0
+    with pytest.raises(ValueError, match=r"row 4 .*sum 5.*Normalise"):
+        model.fit(x, soft, verbose=0)
+
+
+def test_non_integer_num_classes():
+    with pytest.raises(ValueError, match="whole number"):
+        DKSModel(tiny_backbone(), num_classes=2.5, head="simple")
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu"])
+def test_backbone_ending_in_a_non_linear_dense(activation):
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, strides=2, name="c1")(inp)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(3, activation=activation, name="top")(x)
+    with pytest.raises(ValueError, match=f"activation='{activation}'.*include_top=False"):
+        DKSModel(keras.Model(inp, out), num_classes=3, taps=[])
+
+
+def test_subclassed_backbone_is_rejected():
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(4, 3)
+
+        def call(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match="subclassed model 'Sub'.*functionally"):
+        DKSModel(Sub(), num_classes=3)

@@ -75,7 +75,7 @@ def make_dataset(
         drop_remainder: drop the last partial batch.
         with_index: yield `((images, index), labels)`, `index` being each
             example's position in the data before shuffling (SRDL's
-            example index, see `keras_dks.methods.with_index`).
+            example index, see `keras_dks.data.pipelines.with_index`).
 
     Returns:
         A `tf.data.Dataset` of float32 `(batch, H, W, C)` images and int64
@@ -95,7 +95,7 @@ def make_dataset(
 
         dataset = dataset.map(resize, num_parallel_calls=pipelines.AUTOTUNE)
     if with_index:  # before shuffling: the index names the example
-        from keras_dks.methods.srdl import with_index as add_index
+        from keras_dks.data.pipelines import with_index as add_index
 
         dataset = add_index(dataset)
     if cache:

@@ -169,7 +169,7 @@ def make_dataset(
             only).
         with_index: yield `((images, index), labels)`, `index` being each
             example's position in the data before shuffling (SRDL's
-            example index, see `keras_dks.methods.with_index`).
+            example index, see `keras_dks.data.pipelines.with_index`).
 
     Example:
     ```python
@@ -184,7 +184,7 @@ def make_dataset(
         x = x[..., None]
     dataset = tf.data.Dataset.from_tensor_slices((x, np.asarray(y).astype("int64")))
     if with_index:  # before shuffling: the index names the example
-        from keras_dks.methods.srdl import with_index as add_index
+        from keras_dks.data.pipelines import with_index as add_index
 
         dataset = add_index(dataset)
     if training:

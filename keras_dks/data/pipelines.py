@@ -182,3 +182,29 @@ def measure_throughput(dataset, steps=50, warmup=5):
         "steps": timed,
         "seconds": seconds,
     }
+
+
+def with_index(dataset):
+    """Turn an *unbatched* dataset of `(x, y)` into `((x, index), y)`.
+
+    Apply it first, before `shuffle`, `map` (augmentation) and `batch`, so
+    each example keeps its own index whatever the order.
+
+    Args:
+        dataset: a `tf.data.Dataset` whose elements are `(x, y)`.
+
+    Returns:
+        A dataset of `((x, index), y)` with `index` an int64 in `[0, n)`.
+
+    Example:
+    ```python
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    train = (keras_dks.data.pipelines.with_index(ds)
+             .shuffle(1000).batch(128).prefetch(tf.data.AUTOTUNE))
+    ```
+    """
+    return dataset.enumerate().map(
+        lambda i, elem: ((elem[0], i), elem[1]),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )

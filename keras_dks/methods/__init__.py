@@ -29,6 +29,9 @@ from keras_dks.methods.srdl import with_index
 from keras_dks.model import DKSModel
 
 METHODS = ("baseline", "ds", "dks", "dhm", "srdl")
+# The methods that are a DKSModel configuration (`build_model`); SRDL is a
+# training procedure (`SRDL`).
+MODEL_METHODS = tuple(m for m in METHODS if m != "srdl")
 
 _ROOT_ARGS = (
     "roots", "root_probs", "root_sampling", "eval_roots",
@@ -113,6 +116,7 @@ def build_model(method, backbone, num_classes=None, pairs=None, **overrides):
 
 __all__ = [
     "METHODS",
+    "MODEL_METHODS",
     "DHMModel",
     "RootResampler",
     "RootSelector",

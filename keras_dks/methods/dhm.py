@@ -48,13 +48,15 @@ pair and fixed roots (`eval_roots`); the inference model (main head only)
 never depends on any of it.
 """
 
-import re
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_dks import adapt
+from keras_dks import losses as losses_lib
+from keras_dks import taps as taps_lib
 from keras_dks.model import DKSModel
 
 ROOT_SAMPLING = ("epoch", "step")
@@ -379,28 +381,36 @@ def _normalise_roots(roots, root_probs, eval_roots):
     return out
 
 
-class _RootSpec:
-    """What `DHMModel` hands to `DKSModel.__init__` as `taps`."""
-
-    def __init__(self, entries, sampling, seed):
-        self.entries = entries
-        self.sampling = sampling
-        self.seed = seed
-
-
-class _GraphView:
-    """A BackboneGraph in which a selector's output sits where its first
-    candidate sits (head layout rules need a position in the backbone)."""
-
-    def __init__(self, graph, alias):
-        self._graph = graph
-        self._alias = alias
-
-    def position(self, tensor):
-        return self._graph.position(self._alias.get(id(tensor), tensor))
-
-    def __getattr__(self, name):
-        return getattr(self._graph, name)
+def _branch_taps(backbone, entries, sampling, seed):
+    """One `adapt.Tap` per branch; a `RootSelector` feeds dynamic ones."""
+    adapt.check_backbone(backbone)
+    graph = taps_lib.BackboneGraph(backbone)
+    known = list(getattr(backbone, "dks_taps", None) or [])
+    out = []
+    for k, (cands, probs, ev) in enumerate(entries):
+        # DKSModel's checks (known layer, 4-D, before the final map).
+        by_name = {t.name: t.tensor for t in adapt.resolve_taps(backbone, graph, cands)}
+        tensors = [by_name[c] for c in cands]
+        if len(cands) == 1:
+            out.append(cands[0])
+            continue
+        label = "|".join(cands)
+        selector = RootSelector(
+            cands, probs, eval_index=ev, sampling=sampling,
+            seed=_branch_seed(seed, k), name=f"{adapt.head_name(label)}_root",
+        )
+        # The head is laid out for the first candidate (equal shapes = same
+        # stage), or for the one the backbone describes its heads for.
+        out.append(
+            adapt.Tap(
+                name=label,
+                tensor=selector(tensors),
+                layout_name=next((c for c in cands if c in known), cands[0]),
+                layout_tensor=tensors[0],
+                depth_tensors=tensors,
+            )
+        )
+    return out
 
 
 @keras.saving.register_keras_serializable(package="keras_dks")
@@ -541,7 +551,7 @@ class DHMModel(DKSModel):
             entries = None
         else:
             entries = _normalise_roots(list(roots), root_probs, eval_roots)
-            spec = _RootSpec(entries, root_sampling, int(seed))
+            spec = _branch_taps(backbone, entries, root_sampling, int(seed))
         super().__init__(
             backbone,
             num_classes=num_classes,
@@ -584,51 +594,6 @@ class DHMModel(DKSModel):
                 name="branch_mask",
             )
 
-    # -- graph construction hooks called by DKSModel.__init__ -------------
-    def _resolve_taps(self, backbone, graph, final, taps):
-        if not isinstance(taps, _RootSpec):
-            return DKSModel._resolve_taps(backbone, graph, final, taps)
-        branches = []
-        for k, (cands, probs, ev) in enumerate(taps.entries):
-            # DKSModel's checks (known layer, 4-D, before the final map).
-            by_name = dict(zip(*DKSModel._resolve_taps(backbone, graph, final, cands)))
-            tensors = [by_name[c] for c in cands]
-            depth = max(graph.position(t) for t in tensors)
-            if len(cands) == 1:
-                branches.append((depth, cands[0], tensors[0], None))
-                continue
-            label = "|".join(cands)
-            head = "aux_" + re.sub(r"[^0-9A-Za-z_]", "_", label)
-            selector = RootSelector(
-                cands, probs, eval_index=ev, sampling=taps.sampling,
-                seed=_branch_seed(taps.seed, k), name=f"{head}_root",
-            )
-            out = selector(tensors)
-            branches.append((depth, label, out, tensors[0]))
-        branches.sort(key=lambda b: -b[0])  # deepest first, like DKSModel
-        # Plain attribute set before keras.Model.__init__: bypass tracking.
-        object.__setattr__(
-            self,
-            "_dhm_alias",
-            {id(b[2]): b[3] for b in branches if b[3] is not None},
-        )
-        return [b[1] for b in branches], [b[2] for b in branches]
-
-    def _build_head(
-        self, backbone, graph, stages, final, tap, tensor, *args
-    ):
-        alias = getattr(self, "_dhm_alias", {})
-        if id(tensor) in alias:
-            graph = _GraphView(graph, alias)
-            # Backbones that describe their own heads (dks_head_stages) know
-            # their stage ends only; equal shapes = same stage, same head.
-            cands = tap.split("|")
-            known = list(getattr(backbone, "dks_taps", None) or [])
-            tap = next((c for c in cands if c in known), cands[0])
-        return DKSModel._build_head(
-            backbone, graph, stages, final, tap, tensor, *args
-        )
-
     # -- training ---------------------------------------------------------
     @property
     def root_selectors(self):
@@ -665,23 +630,49 @@ class DHMModel(DKSModel):
         )
         return tf.cast(u < tf.constant(self._branch_probs, tf.float32), "float32")
 
-    def _loss_masks(self, training):
-        # Eq. 8-9 of the paper: head k's CE is weighted by I(k), pair (s, t)
-        # by I(s) * I(t); the main head is always on. Only the draw uses TF.
-        pair_mask = self._pair_mask(training)
+    def head_mask(self, training=False):
+        """DHM's location indicators `I(l)` of this step: a 0/1 float32
+        tensor with one entry per head (the main head always 1), or None
+        when every branch is on (evaluation, `branch_keep_prob=1`)."""
         if not training or not self.samples_branches:
-            return None, pair_mask
+            return None
         if self.branch_sampling == "step":
             branches = self.draw_branch_mask(self.optimizer.iterations)
         else:
             branches = ops.convert_to_tensor(self.branch_mask)
-        heads = ops.concatenate([ops.ones((1,), "float32"), branches], axis=0)
-        if not self.pair_list:
-            return heads, pair_mask
+        return ops.concatenate([ops.ones((1,), "float32"), branches], axis=0)
+
+    def pair_mask(self, training=False):
+        """The 0/1 weight of every pair this step: `I(s) * I(t)` of its two
+        heads (Eq. 9), times the per-pair dropping mask if
+        `pair_keep_prob < 1`; None when every pair counts."""
+        dropped = super().pair_mask(training)
+        heads = self.head_mask(training)
+        if heads is None or not self.pair_list:
+            return dropped
         pairs = ops.stack([heads[s] * heads[t] for s, t in self.pair_list])
-        if pair_mask is not None:
-            pairs = pairs * pair_mask
-        return heads, pairs
+        return pairs if dropped is None else pairs * dropped
+
+    def compute_dks_loss(self, y, logits, sample_weight=None, training=False):
+        """`DKSModel.compute_dks_loss` with the location mask: head `k`'s CE
+        weighted by `I(k)` (Eq. 8), each pair by `pair_mask` (Eq. 9).
+        In `keras.ops`; only the draw of the mask uses TensorFlow."""
+        heads = self.head_mask(training)
+        if heads is None:
+            return super().compute_dks_loss(y, logits, sample_weight, training)
+        logits = list(logits) if isinstance(logits, (list, tuple)) else [logits]
+        terms = losses_lib.dks_loss_terms(
+            self.label_targets(y),
+            logits,
+            [w * heads[k] for k, w in enumerate(self.head_weights)],
+            self.pair_list,
+            self.pair_weights,
+            pair_mask=self.pair_mask(training),
+            sample_weight=sample_weight,
+        )
+        terms["regularization"] = self.regularization_loss()
+        terms["loss"] = terms["loss"] + terms["regularization"]
+        return terms
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)

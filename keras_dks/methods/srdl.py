@@ -25,40 +25,9 @@ import tensorflow as tf
 from keras import ops
 
 from keras_dks import losses as losses_lib
-from keras_dks.model import _scale_for_distribution
+from keras_dks import utils
+from keras_dks.data.pipelines import with_index  # noqa: F401 (re-exported)
 
-
-def _atomic_save(path, save, suffix):
-    # A crash while saving never leaves a half-written file under `path`.
-    tmp = path[: -len(suffix)] + f".tmp{os.getpid()}" + suffix
-    save(tmp)
-    os.replace(tmp, path)
-
-
-def with_index(dataset):
-    """Turn an *unbatched* dataset of `(x, y)` into `((x, index), y)`.
-
-    Apply it first, before `shuffle`, `map` (augmentation) and `batch`, so
-    each example keeps its own index whatever the order.
-
-    Args:
-        dataset: a `tf.data.Dataset` whose elements are `(x, y)`.
-
-    Returns:
-        A dataset of `((x, index), y)` with `index` an int64 in `[0, n)`.
-
-    Example:
-    ```python
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    train = (keras_dks.methods.with_index(ds)
-             .shuffle(1000).batch(128).prefetch(tf.data.AUTOTUNE))
-    ```
-    """
-    return dataset.enumerate().map(
-        lambda i, elem: ((elem[0], i), elem[1]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
 
 
 def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
@@ -79,9 +48,12 @@ def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
     float(lr(0)), float(lr(600)), float(lr(900))   # 0.1, 0.01, 0.001
     ```
     """
-    boundaries = sorted({max(int(round(d * stage_steps)), 1) for d in drops})
-    values = [initial_lr * factor**k for k in range(len(boundaries) + 1)]
-    return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    # The paper's drops take effect after step round(d * stage_steps); in
+    # `step_schedule`'s epochs (of `stage_steps` steps) that is one step on.
+    steps = sorted({max(int(round(d * stage_steps)), 1) for d in drops})
+    return utils.step_schedule(
+        initial_lr, stage_steps, [(s + 1) / stage_steps for s in steps], factor
+    )
 
 
 def _split_inputs(inputs):
@@ -219,7 +191,7 @@ class SRDLModel(keras.Model):
         )
         if self.soft_targets is None or not training or not self.distill_weight:
             # Raw sums are not scaled for tf.distribute as Keras losses are.
-            return loss + _scale_for_distribution(extra) if self.weight_decay else loss
+            return loss + losses_lib.scale_for_distribution(extra) if self.weight_decay else loss
         _, index = _split_inputs(x)
         if index is None:
             raise ValueError(
@@ -233,10 +205,10 @@ class SRDLModel(keras.Model):
         distill = (
             self.distill_weight
             * self.temperature**2
-            * losses_lib._batch_mean(kl, sample_weight)
+            * losses_lib.batch_mean(kl, sample_weight)
         )
         self.distill_loss_tracker.update_state(distill)
-        return loss + _scale_for_distribution(distill + extra)
+        return loss + losses_lib.scale_for_distribution(distill + extra)
 
     def get_config(self):
         config = super().get_config()
@@ -554,8 +526,8 @@ class SRDL:
             table = self.extract_soft_targets(net1, extraction_data, num_examples)
             if checkpoint_dir:
                 # Weights first, the table last: its presence marks stage 1 done.
-                _atomic_save(stage1_weights, net1.save_weights, ".weights.h5")
-                _atomic_save(stage1_table, lambda p: np.save(p, table), ".npy")
+                utils.atomic_write(stage1_weights, net1.save_weights, ".weights.h5")
+                utils.atomic_write(stage1_table, lambda p: np.save(p, table), ".npy")
 
         # Stage 2: fresh weights, fresh schedule, CE + T^2 KL.
         with self._scope():

@@ -1,0 +1,85 @@
+"""DKSModel on JAX and PyTorch (Keras' own trainers run `compute_loss`).
+
+Each backend runs `backend_check.py` in a subprocess (the backend is fixed
+at import). Its loss on the same NumPy weights and batch must equal the
+NumPy reference and the TensorFlow value computed here; fit / evaluate /
+predict / inference_model / `.keras` round trip must work, and per-head
+logs must match per-head references. JAX DataParallel on 2 CPU devices
+must train like 1 device.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import backend_check
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="drives the other backends from the TensorFlow run",
+)
+
+
+def _run(backend, tmp_path, *args, env=None):
+    out = tmp_path / f"{backend}.json"
+    full_env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT,
+                    TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "backend_check.py"), str(out), *args],
+        env=full_env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tf_reference():
+    keras.utils.set_random_seed(0)
+    return {case: backend_check.run_case(case) for case in backend_check.CASES}
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_dks_model_on_backend(backend, tmp_path, tf_reference):
+    pytest.importorskip(backend)  # `make install` installs both
+    got = _run(backend, tmp_path)
+    assert got["backend"] == backend
+    assert "TensorFlow feature" in got["tf_only_error"]
+    assert "KERAS_BACKEND=tensorflow" in got["tf_only_error"]
+    for case, ref in tf_reference.items():
+        r = got[case]
+        # Same loss as NumPy (from this backend's logits) and as TensorFlow.
+        np.testing.assert_allclose(r["loss"], r["numpy_loss"], rtol=1e-5)
+        np.testing.assert_allclose(r["loss"], ref["loss"], rtol=1e-4)
+        np.testing.assert_allclose(r["ce"], ref["ce"], rtol=1e-4)
+        np.testing.assert_allclose(r["synergy"], ref["synergy"], rtol=1e-4)
+        for a, b in zip(r["logits"], ref["logits"]):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        # Per-head logs: every head's CE and accuracy, against its own head.
+        assert r["head_names"] == ref["head_names"]
+        for key, value in r["eval_refs"].items():
+            np.testing.assert_allclose(r["eval_logs"][key], value, rtol=1e-4,
+                                       err_msg=f"{case} {key}")
+        assert set(r["fit_logs"]) >= set(r["eval_refs"]) | {"loss", "synergy_loss"}
+        assert all(np.isfinite(v) for v in r["fit_logs"].values())
+        assert r["predict_matches"] and r["inference_matches"]
+        assert r["inference_params"] == ref["inference_params"]
+        assert r["reload_matches"] and r["reload_class"] == "DKSModel"
+
+
+def test_jax_data_parallel_two_devices_trains_like_one(tmp_path):
+    pytest.importorskip("jax")
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    one = _run("jax", tmp_path, "--data-parallel", "1", env=flags)
+    two = _run("jax", tmp_path, "--data-parallel", "2", env=flags)
+    assert two["devices"] == 2
+    np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+    for path, w in one["weights"].items():
+        np.testing.assert_allclose(two["weights"][path], w, rtol=1e-4, atol=1e-5,
+                                   err_msg=path)

@@ -1,0 +1,67 @@
+"""The package's dependencies run one way (README, "Layout").
+
+Checked on the source (imports at any depth, also inside functions), so a
+late import cannot sneak a cycle in.
+"""
+
+import ast
+import os
+
+import keras_dks
+
+ROOT = os.path.dirname(keras_dks.__file__)
+
+# Lower layers first; a module may import only from its own or lower layers.
+# `callbacks` sits low: it needs only `utils`, and SRDL's two-stage driver
+# uses its SafeBackupAndRestore.
+LAYERS = [
+    {"utils", "losses", "taps", "blocks", "distribute", "data", "callbacks"},
+    {"heads"},
+    {"adapt", "backbones"},
+    {"model"},
+    {"methods"},
+    {"recipes", "plots", "export"},
+]
+
+
+def _layer(module):
+    for k, layer in enumerate(LAYERS):
+        if module in layer:
+            return k
+    raise AssertionError(f"keras_dks.{module} is in no layer; add it to LAYERS and the README")
+
+
+def _imports(path):
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keras_dks"):
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                yield parts[1]
+            else:
+                yield from (a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("keras_dks."):
+                    yield a.name.split(".")[1]
+
+
+def test_dependencies_run_one_way():
+    bad = []
+    for dirpath, _, files in os.walk(ROOT):
+        for f in files:
+            if not f.endswith(".py") or f == "__init__.py" and dirpath == ROOT:
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, f), ROOT)
+            module = rel.split(os.sep)[0].removesuffix(".py")
+            for dep in _imports(os.path.join(dirpath, f)):
+                if dep != module and _layer(dep) > _layer(module):
+                    bad.append(f"{rel} imports keras_dks.{dep}")
+    assert not bad, bad
+
+
+def test_data_imports_nothing_from_methods():
+    for f in os.listdir(os.path.join(ROOT, "data")):
+        if f.endswith(".py"):
+            deps = set(_imports(os.path.join(ROOT, "data", f)))
+            assert deps <= {"data"}, (f, deps)
