@@ -220,8 +220,18 @@ class RootSelector(keras.layers.Layer):
 
 
 def root_selectors(model):
-    """Every `RootSelector` inside `model` (also inside wrapping models)."""
-    return [l for l in model._flatten_layers() if isinstance(l, RootSelector)]
+    """Every `RootSelector` inside `model` (also inside nested models)."""
+    found, queue, seen = [], list(getattr(model, "layers", [])), set()
+    while queue:
+        layer = queue.pop(0)
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, RootSelector):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            queue.extend(layer.layers)
+    return found
 
 
 class RootResampler(keras.callbacks.Callback):
@@ -288,10 +298,10 @@ class RootResampler(keras.callbacks.Callback):
         if getattr(self.model, "branch_sampling", None) == "epoch" and (
             self.model.samples_branches
         ):
-            mask = self.model.draw_branch_mask(counter)
+            mask = np.asarray(self.model.draw_branch_mask(counter))
             self._assign(self.model.branch_mask, mask)
             active = [
-                h for h, m in zip(self.model.head_names[1:], mask.numpy()) if m
+                h for h, m in zip(self.model.head_names[1:], mask) if m
             ]
         return chosen, active
 
