@@ -56,9 +56,9 @@ flags.DEFINE_integer("width", 10, "WRN widening factor k.")
 flags.DEFINE_float("dropout", 0.0, "Dropout between the two convs of a block (0.3 in the paper's dropout variant).")
 flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm", "srdl"],
                   "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
-                  "dhm: DKS with stochastic pairs; srdl: two stages of epochs/2 with the SRDL paper's "
-                  "recipe (a complete schedule in each), the second from fresh weights learning from "
-                  "the first's stored T=3 soft labels.")
+                  "dhm: DHMModel, by default the released DHM code (the DKS loss); srdl: two stages "
+                  "of epochs/2 with the SRDL paper's recipe (a complete schedule in each), the second "
+                  "from fresh weights learning from the first's stored T=3 soft labels.")
 flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],
                   "Synergy pair strategy of dks/dhm.")
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (backbone and heads).")

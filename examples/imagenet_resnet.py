@@ -62,7 +62,7 @@ flags.DEFINE_enum("head_blocks", "dhm", ["dhm", "copy"],
                   "Auxiliary head block counts: the DHM code's (dhm) or the backbone's own (copy).")
 flags.DEFINE_enum("method", "dks", ["baseline", "ds", "dks", "dhm"],
                   "baseline: main head only; ds: auxiliary heads, no synergy; dks: heads + synergy; "
-                  "dhm: DKS with stochastic pairs.")
+                  "dhm: DHMModel, by default the released DHM code (the DKS loss).")
 flags.DEFINE_enum("pairs", "bidirectional", ["bidirectional", "top_down", "bottom_up"],
                   "Synergy pair strategy of dks/dhm.")
 flags.DEFINE_bool("sync_batchnorm", False, "Synchronized BatchNorm across replicas (keras_dks backbones and heads).")

@@ -49,8 +49,9 @@ Other points for multi-worker runs:
 - Variables are initialised on the chief and broadcast, so the workers
   start identical. Anything random that is not a variable must be seeded
   the same on every worker: call `keras.utils.set_random_seed(seed)` on all
-  of them and pass `seed=` to `DKSModel` when `pair_keep_prob < 1` (DHM's
-  stochastic pairs), otherwise workers draw different pairs.
+  of them and pass `seed=` to `DKSModel` when `pair_keep_prob < 1` (per-pair
+  dropping) and to `DHMModel` when it draws branches or roots, otherwise
+  workers draw different pairs, branches or roots.
 - Save from every worker (reading some distributed variables is a
   collective operation), but only the chief's files matter: give the other
   workers a scratch directory.

@@ -318,7 +318,9 @@ def label_targets(y, num_classes, label_smoothing=0.0):
 # The DKS loss
 # --------------------------------------------------------------------------
 def pair_mask(num_pairs, keep_prob, seed, step):
-    """DHM's stochastic pairs: a 1/0 float32 mask of `num_pairs` entries.
+    """Per-pair dropping (`pair_keep_prob`): a 1/0 float32 mask per pair.
+
+    A library option: DHM's paper masks branch locations, not single pairs.
 
     A function of `(seed, step)` only, so every replica and a resumed run
     draw the same mask. TensorFlow uses `tf.random.stateless_uniform` (the
@@ -369,7 +371,8 @@ def dks_loss_terms(
         head_weights: alpha of every head (main head first).
         pairs: list of `(student, teacher)` index pairs.
         pair_weights: beta of every pair.
-        pair_mask: optional 1/0 per pair (DHM's stochastic pairs).
+        pair_mask: optional 0/1 weight per pair (per-pair dropping, DHM's
+            location mask).
         sample_weight: optional `(batch,)` per-example weights.
 
     Returns:

@@ -72,9 +72,11 @@ class DKSModel(keras.Model):
         head_width: multiplier on the residual heads' widths.
         head_depth: if set, blocks per stage of the residual heads.
         sync_batchnorm: use synchronized BatchNormalization in the heads.
-        pair_keep_prob: DHM's stochastic pairs: each synergy pair is kept
-            with this probability per training step (dropped pairs add
-            nothing; the same pairs on every replica). 1.0 keeps all.
+        pair_keep_prob: per-pair dropping, a library option (neither the
+            DHM paper nor its code drops single pairs): each synergy pair is
+            kept with this probability per training step (dropped pairs add
+            nothing, no rescaling; the same pairs on every replica). 1.0
+            keeps all.
         seed: seed of the pair sampling.
         name: model name.
 
@@ -310,7 +312,7 @@ class DKSModel(keras.Model):
         return losses_lib.label_targets(y, self.num_classes, self.label_smoothing)
 
     def pair_mask(self, training=False):
-        """DHM's stochastic pairs for the current step, or None (all kept)."""
+        """Per-pair dropping mask of the current step, or None (all kept)."""
         if not training or self.pair_keep_prob >= 1.0 or not self.pair_list:
             return None
         return losses_lib.pair_mask(

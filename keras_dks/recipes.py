@@ -57,7 +57,8 @@ def build_model(method, backbone, num_classes=None, pairs="bidirectional", **kwa
 
     `"baseline"` is the plain network (`DKSModel(taps=[])`, main head
     only), `"ds"` deep supervision (`pairs="none"`), `"dks"` DKS with the
-    given pair strategy, `"dhm"` DKS with stochastic pairs (DHM). The
+    given pair strategy, `"dhm"` `DHMModel` (by default DHM's released
+    code: the DKS loss; see `keras_dks.methods.DHMModel`). The
     backbone's own head design is used (e.g. `wide_resnet` builds the
     authors' branches).
 

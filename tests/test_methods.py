@@ -1,4 +1,4 @@
-"""The method family: registry, DHM (stochastic pairs, dynamic roots), SRDL, KD."""
+"""The method family: registry, SRDL, KD (DHM: tests/test_dhm.py)."""
 
 import os
 import subprocess
@@ -13,7 +13,7 @@ import tensorflow as tf
 import keras_dks
 from keras_dks import DKSModel
 from keras_dks import methods
-from keras_dks.methods import DHMModel, RootResampler, SRDL
+from keras_dks.methods import DHMModel, SRDL
 
 
 def stage_backbone(size=8, name="stages"):
@@ -24,17 +24,6 @@ def stage_backbone(size=8, name="stages"):
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2")(x)
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s3")(x)
     return keras.Model(inp, x, name=name)
-
-
-def chain_backbone(size=8):
-    """Three equally shaped layers a1 -> a2 -> a3 (4x4x4): candidate roots."""
-    inp = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="a1")(x)
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="a2")(x)
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="a3")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="b")(x)
-    return keras.Model(inp, x, name="chain")
 
 
 def data(n=16, size=8, classes=5, seed=0):
@@ -54,11 +43,6 @@ def np_softmax(z):
     return np.exp(np_log_softmax(z))
 
 
-def chi_square(counts, probs):
-    expected = np.asarray(probs) * np.sum(counts)
-    return float(np.sum((np.asarray(counts) - expected) ** 2 / expected))
-
-
 # --------------------------------------------------------------------------
 # One switch
 # --------------------------------------------------------------------------
@@ -69,7 +53,7 @@ def test_method_registry_and_kwargs():
     assert methods.dks_kwargs("ds") == {"pairs": "none"}
     assert methods.dks_kwargs("dks", pairs="top_down") == {"pairs": "top_down"}
     assert methods.dks_kwargs("dhm", head="conv") == {
-        "pairs": "bidirectional", "pair_keep_prob": 0.5, "head": "conv"
+        "pairs": "bidirectional", "head": "conv"
     }
     with pytest.raises(ValueError, match="SRDL"):
         methods.dks_kwargs("srdl")
@@ -89,199 +73,9 @@ def test_method_registry_and_kwargs():
     assert built["baseline"].head_names == ["main"]
     assert built["ds"].pair_list == [] and len(built["ds"].head_names) == 3
     assert len(built["dks"].pair_list) == 6 and built["dks"].pair_keep_prob == 1.0
-    assert isinstance(built["dhm"], DHMModel) and built["dhm"].pair_keep_prob == 0.5
+    assert isinstance(built["dhm"], DHMModel) and built["dhm"].pair_keep_prob == 1.0
     assert built["dhm"].taps == built["dks"].taps  # roots="auto": DKS's taps
     assert built["dhm"].roots == built["dks"].taps
-
-
-# --------------------------------------------------------------------------
-# DHM (a): stochastic pairs
-# --------------------------------------------------------------------------
-def reference_mask(seed, step, num_pairs, p):
-    draw = tf.random.stateless_uniform(
-        [num_pairs], seed=tf.constant([seed, step], tf.int64)
-    ).numpy()
-    return (draw < p).astype("float32")
-
-
-def reference_synergy(logits, pair_list, mask=None):
-    total = 0.0
-    for k, (s, t) in enumerate(pair_list):
-        h = -(np_softmax(logits[t]) * np_log_softmax(logits[s])).sum(-1).mean()
-        total += (1.0 if mask is None else mask[k]) * h
-    return total
-
-
-def test_stochastic_pairs_keep_rate_and_masked_loss():
-    p = 0.3
-    model = DKSModel(
-        stage_backbone(), num_classes=5, taps=["s1", "s2"], head="simple",
-        pair_keep_prob=p, seed=11,
-    )
-    model.compile(optimizer=keras.optimizers.SGD(0.0))
-    num_pairs = len(model.pair_list)
-    assert num_pairs == 6
-
-    # Keep-rate over many steps: binomial, 4.5 standard deviations.
-    steps = 1000
-    masks = []
-    for step in range(steps):
-        model.optimizer.iterations.assign(step)
-        masks.append(model.pair_mask(training=True).numpy())
-    masks = np.stack(masks)
-    rate = masks.mean(0)
-    tol = 4.5 * np.sqrt(p * (1 - p) / steps)
-    assert np.all(np.abs(rate - p) < tol), rate
-    # ... and it is the documented stateless draw from (seed, step).
-    np.testing.assert_array_equal(masks[7], reference_mask(11, 7, num_pairs, p))
-
-    # A step with both kept and dropped pairs: dropped terms add nothing.
-    step = next(s for s in range(steps) if 0 < masks[s].sum() < num_pairs)
-    x, y = data()
-    model.optimizer.iterations.assign(step)
-    logits = [z.numpy() for z in model(x, training=True)]
-    mask = reference_mask(11, step, num_pairs, p)
-    want = reference_synergy(logits, model.pair_list, mask)
-    assert abs(want - reference_synergy(logits, model.pair_list)) > 1e-3
-    terms = model.compute_dks_loss(y, logits, training=True)
-    np.testing.assert_allclose(float(terms["synergy"]), want, rtol=1e-5)
-    # The compiled train step logs exactly this (lr 0: weights unchanged).
-    logs = model.train_on_batch(x, y, return_dict=True)
-    np.testing.assert_allclose(logs["synergy_loss"], want, rtol=1e-5)
-
-    # Evaluation keeps every pair and is deterministic.
-    full = reference_synergy(logits, model.pair_list)
-    first = model.evaluate(x, y, verbose=0, return_dict=True)
-    second = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert first == second
-    np.testing.assert_allclose(first["synergy_loss"], full, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------
-# DHM (b): dynamic roots
-# --------------------------------------------------------------------------
-def dhm_model(**kwargs):
-    kwargs.setdefault("head", "simple")
-    kwargs.setdefault("seed", 3)
-    return DHMModel(chain_backbone(), num_classes=5, **kwargs)
-
-
-def test_root_choice_frequencies_match_distribution():
-    probs = [0.2, 0.5, 0.3]
-    model = dhm_model(roots=[["a1", "a2", "a3"]], root_probs=[probs])
-    (sel,) = model.root_selectors
-    assert sel.candidates == ["a1", "a2", "a3"] and sel.eval_index == 1
-    draws = np.array([int(sel.draw(k)) for k in range(2000)])
-    counts = np.bincount(draws, minlength=3)
-    # chi-square, 2 degrees of freedom: 13.8 is the 0.1 % critical value.
-    assert chi_square(counts, probs) < 13.8, counts
-
-    # The per-epoch callback assigns exactly these draws.
-    model.compile(optimizer="sgd")
-    resampler = RootResampler()
-    resampler.set_model(model)
-    for epoch in range(50):
-        resampler.on_epoch_begin(epoch)
-        assert int(sel.index.numpy()) == draws[epoch]
-    assert resampler.choices[3] == (3, {"aux_a1_a2_a3": sel.candidates[draws[3]]})
-
-    # Per step: the index the training forward pass uses is the draw of the
-    # optimizer's step counter.
-    model = dhm_model(roots=[["a1", "a2", "a3"]], root_probs=[probs], root_sampling="step")
-    model.compile(optimizer="sgd")
-    (sel,) = model.root_selectors
-    for step in (0, 1, 17, 400):
-        model.optimizer.iterations.assign(step)
-        assert int(sel.current_index(training=True)) == int(sel.draw(step))
-        assert int(sel.current_index(training=False)) == sel.eval_index
-
-
-def test_gradient_reaches_only_the_chosen_root():
-    model = dhm_model(roots=[["a2", "a3"]])
-    (sel,) = model.root_selectors
-    x, _ = data(4)
-    aux = model.head_names.index("aux_a2_a3")
-    a2_kernel = model.get_layer("a2").kernel
-    a3_kernel = model.get_layer("a3").kernel  # feeds a3 only, not a2
-
-    def grads(index, head):
-        sel.index.assign(index)
-        with tf.GradientTape() as tape:
-            out = model(x, training=True)[head]
-            loss = tf.reduce_sum(out * out)
-        g = tape.gradient(loss, [a2_kernel, a3_kernel])
-        return [0.0 if v is None else float(tf.reduce_sum(tf.abs(v))) for v in g]
-
-    g_a2_root = grads(0, aux)
-    assert g_a2_root[0] > 0 and g_a2_root[1] == 0.0  # a3 unchosen: nothing
-    g_a3_root = grads(1, aux)
-    assert g_a3_root[0] > 0 and g_a3_root[1] > 0
-    assert grads(0, 0)[1] > 0  # the main head still trains a3
-
-    # Training-mode aux logits follow the chosen root; evaluation uses the
-    # eval root (here the first, ties -> first) whatever the variable holds.
-    sel.index.assign(1)
-    train_a3 = model(x, training=True)[aux].numpy()
-    eval_a = model(x, training=False)[aux].numpy()
-    sel.index.assign(0)
-    train_a2 = model(x, training=True)[aux].numpy()
-    np.testing.assert_allclose(train_a2, eval_a, rtol=1e-6)
-    assert not np.allclose(train_a3, eval_a)
-    sel.index.assign(1)
-    np.testing.assert_array_equal(model.predict(x, verbose=0)[aux], eval_a)
-
-
-def test_dhm_fit_evaluate_save_load(tmp_path):
-    model = dhm_model(
-        roots=[["a2", "a3"], "a1"], root_probs=[[0.25, 0.75], None],
-        eval_roots=["a2", None], head="conv", seed=5,
-    )
-    assert model.head_names == ["main", "aux_a2_a3", "aux_a1"]
-    assert len(model.pair_list) == 6 and model.pair_keep_prob == 0.5
-    x, y = data(16)
-    model.compile(optimizer=keras.optimizers.SGD(0.05), metrics=["accuracy"])
-    resampler = RootResampler()
-    history = model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[resampler])
-    assert [c[0] for c in resampler.choices] == [0, 1, 2]
-    assert "aux_a2_a3_accuracy" in history.history
-    sel = model.root_selectors[0]
-    assert sel.candidates[int(sel.index.numpy())] == resampler.choices[-1][1]["aux_a2_a3"]
-    # fit adds a resampler itself when none is given.
-    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
-
-    # Evaluation is deterministic (eval root, no pair dropping).
-    e1 = model.evaluate(x, y, verbose=0, return_dict=True)
-    sel.index.assign(1 - int(sel.index.numpy()))
-    e2 = model.evaluate(x, y, verbose=0, return_dict=True)
-    assert e1 == e2
-
-    path = str(tmp_path / "dhm.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    assert isinstance(loaded, DHMModel)
-    for key in ("roots", "root_probs", "root_sampling", "eval_roots", "seed"):
-        assert loaded.get_config()[key] == model.get_config()[key], key
-    assert loaded.roots == [["a2", "a3"], "a1"]
-    assert int(loaded.root_selectors[0].index.numpy()) == int(sel.index.numpy())
-    for a, b in zip(model.predict(x, verbose=0), loaded.predict(x, verbose=0)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    loaded.fit(x, y, epochs=1, batch_size=8, verbose=0)  # resumes training
-    # The inference model is the plain network: no selector in it.
-    serving = model.inference_model()
-    assert not methods.dhm.root_selectors(serving)
-
-
-def test_dhm_rejects_bad_roots():
-    with pytest.raises(ValueError, match="same output shape"):
-        dhm_model(roots=[["stem", "a1"]])
-    with pytest.raises(ValueError, match="probabilities"):
-        dhm_model(roots=[["a1", "a2"]], root_probs=[[1.0]])
-    with pytest.raises(ValueError, match="names a layer twice"):
-        dhm_model(roots=[["a1", "a2"], "a2"])
-    with pytest.raises(ValueError, match="not a candidate"):
-        dhm_model(roots=[["a1", "a2"]], eval_roots=["a3"])
-    with pytest.raises(ValueError, match="Unknown tap"):
-        dhm_model(roots=[["a1", "nope"]])
 
 
 _MIRRORED = textwrap.dedent(
@@ -293,21 +87,9 @@ _MIRRORED = textwrap.dedent(
     import numpy as np, keras
     sys_path = {path!r}
     import sys; sys.path.insert(0, sys_path)
-    from test_methods import chain_backbone, data
-    from keras_dks.methods import DHMModel, RootResampler
+    from test_methods import data
     strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
     x, y = data(16)
-    for sampling in ("epoch", "step"):
-        with strategy.scope():
-            model = DHMModel(chain_backbone(), num_classes=5, roots=[["a1", "a2"]],
-                             root_sampling=sampling, head="simple", seed=2)
-            model.compile(optimizer="sgd")
-        resampler = RootResampler()
-        model.fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[resampler])
-        sel = model.root_selectors[0]
-        values = [int(v.numpy()) for v in sel.index.value.values]
-        if sampling == "epoch":
-            assert len(values) == 2 and values[0] == values[1] == int(sel.draw(2)), values
 
     # SRDL stage 2: CE + T^2 KL is scaled for the replicas exactly once, so
     # one step on 2 replicas equals one step on a single device.
@@ -334,7 +116,7 @@ _MIRRORED = textwrap.dedent(
 )
 
 
-def test_dhm_roots_and_srdl_loss_under_mirrored_strategy():
+def test_srdl_loss_under_mirrored_strategy():
     code = _MIRRORED.format(path=os.path.dirname(__file__))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     out = subprocess.run(

@@ -111,7 +111,8 @@ def test_build_model_methods():
     assert len(dks.pair_list) == 6 and dks.weight_decay == 5e-4
     top_down = small_dks("dks", pairs="top_down")
     assert len(top_down.pair_list) == 3
-    assert small_dks("dhm").pair_keep_prob == 0.5
+    dhm = small_dks("dhm")  # DHM's released code: every pair, every branch
+    assert dhm.pair_keep_prob == 1.0 and dhm.branch_keep_prob == 1.0
     with pytest.raises(ValueError, match="SRDL"):
         small_dks("srdl")
 

@@ -4,8 +4,10 @@
 - `ds`: deep supervision, auxiliary heads with cross-entropy only
   (`pairs="none"`).
 - `dks`: DKS (Sun et al., CVPR 2019), heads + pairwise synergy loss.
-- `dhm`: DHM (Li & Chen, CVPR 2020): DKS with stochastic pairs
-  (`pair_keep_prob=0.5`) and optionally dynamic roots (`DHMModel`).
+- `dhm`: DHM (Li & Chen, CVPR 2020), `DHMModel`: by default the paper's
+  main setting and released code (every branch's CE and every pair, the
+  DKS loss); optionally the paper's stochastic branch locations
+  (`branch_keep_prob`), dynamic roots, per-pair dropping (`pair_keep_prob`).
 - `srdl`: SRDL (Lan et al., ACCV 2018), a two-stage self-distillation of a
   plain network; it is a training *procedure*, driven by `SRDL`, not a set
   of `DKSModel` arguments.
@@ -31,7 +33,10 @@ METHODS = ("baseline", "ds", "dks", "dhm", "srdl")
 # training procedure (`SRDL`).
 MODEL_METHODS = tuple(m for m in METHODS if m != "srdl")
 
-_ROOT_ARGS = ("roots", "root_probs", "root_sampling", "eval_roots")
+_ROOT_ARGS = (
+    "roots", "root_probs", "root_sampling", "eval_roots",
+    "branch_keep_prob", "branch_sampling",
+)
 
 
 def dks_kwargs(method, pairs=None, **overrides):
@@ -39,9 +44,9 @@ def dks_kwargs(method, pairs=None, **overrides):
 
     Args:
         method: `"baseline"` (`taps=[]`), `"ds"` (`pairs="none"`), `"dks"`
-            (`pairs=pairs`) or `"dhm"` (`pairs=pairs, pair_keep_prob=0.5`;
-            pass `roots=...` for dynamic roots, which needs `DHMModel`, see
-            `build_model`). `"srdl"` raises: use `SRDL`.
+            (`pairs=pairs`) or `"dhm"` (`pairs=pairs`; pass `roots=...`,
+            `branch_keep_prob=...` for DHM's options, which need
+            `DHMModel`, see `build_model`). `"srdl"` raises: use `SRDL`.
         pairs: pair strategy of `dks` and `dhm` (default
             `"bidirectional"`, the paper's best).
         **overrides: any other constructor argument (`taps`, `head`,
@@ -70,7 +75,7 @@ def dks_kwargs(method, pairs=None, **overrides):
     roots = [k for k in _ROOT_ARGS if k in overrides]
     if roots and method != "dhm":
         raise ValueError(
-            f"{roots} configure DHM's dynamic roots; use method='dhm'."
+            f"{roots} configure DHM's branches and roots; use method='dhm'."
         )
     if method == "baseline":
         if overrides.get("taps", []) != []:
@@ -85,7 +90,7 @@ def dks_kwargs(method, pairs=None, **overrides):
     elif method == "dks":
         kwargs = {"pairs": pairs or "bidirectional"}
     else:
-        kwargs = {"pairs": pairs or "bidirectional", "pair_keep_prob": 0.5}
+        kwargs = {"pairs": pairs or "bidirectional"}
     kwargs.update(overrides)
     return kwargs
 

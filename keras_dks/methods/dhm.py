@@ -1,31 +1,61 @@
-"""DHM (Li & Chen, CVPR 2020): DKS with dynamic branch roots.
+"""DHM (Li & Chen, CVPR 2020): DKS's heads and pairwise loss, with the
+paper's stochastic branch locations as options.
 
-Dynamic Hierarchical Mimicking trains the same heads and pairwise loss as
-DKS, with two kinds of randomness:
+What the sources say (paper: /work/shared/papers/002_*.txt, Sec. 3.2,
+Eq. 6-9; released code: github.com/d-li14/DHM, `cifar.py` / `imagenet.py`):
 
-- *stochastic pairs* (the released code's optional variant): each pairwise
-  term is kept per iteration with probability 0.5. This is
-  `DKSModel(pair_keep_prob=...)`; `DHMModel` defaults it to 0.5.
-- *dynamic roots* (the paper, Sec. 3.2): an auxiliary branch is forked from
-  a location drawn from a discrete distribution over candidate layers, once
-  per training epoch. `DHMModel(roots=...)` does this. Candidates of one
-  branch must have the same output shape, so the branch's layers fit every
-  candidate; a `RootSelector` layer feeds the drawn candidate to the branch,
-  and only that candidate gets the branch's gradient.
+- Loss. Eq. 7-9: the main CE, plus `I(l) * lambda_l * CE_l` for every
+  auxiliary location `l`, plus `I(p) * I(q) * mu_pq * H(p_p, p_q)` for every
+  ordered pair, where `I` is a 0/1 indicator per *location* (Eq. 6),
+  `lambda = mu = 1`. A switched-off location removes its CE and all of its
+  pairs together; nothing is rescaled. The released code is deterministic:
+  every branch's CE plus every ordered pair's KL, weight `alpha = 1`,
+  temperature 1, the target detached (its random variant, commented out,
+  detaches a random *number* of terms; it is not offered here).
+- Main results: "we fork auxiliary classifiers from each node of the
+  backbone network with probabilities toggling between zero and one",
+  i.e. fixed branches; Bernoulli location probabilities are compared in
+  the supplement only. Locations are drawn "at each training epoch".
+- Eq. 9 as printed sums p, q over the auxiliary locations 1..L-1 only; the
+  objective is over the selected branches *and* the top-most classifier
+  (Phi~ = Phi + {L}), Fig. 1 connects every output, and the released code
+  pairs the main head too: so does this module.
 
-The draw is reproducible: the candidate of epoch `e` (or step `s` with
-`root_sampling="step"`) is a function of `(seed, e)` only, so it is the same
-on every replica and after resuming from a checkpoint. Evaluation and
-`predict` always use a fixed root (`eval_roots`), so they are deterministic;
-the inference model (main head only) never depends on the roots.
+So `DHMModel`'s defaults are the main setting and the code: every branch
+on, every pair kept (with the default `roots="auto"` the loss is DKS's).
+The options:
+
+- `branch_keep_prob=p` (the paper's Bernoulli location variant): each
+  auxiliary branch is on with probability `p`, drawn per epoch (the paper)
+  or per step; an off branch adds no CE and no pair.
+- `roots=[[...]]` (dynamic roots, an extension): one branch whose input is
+  drawn from several equally shaped candidate layers; the branch's weights
+  are shared by its candidates (in Eq. 8 each location has its own
+  classifier; use one fixed root per location and `branch_keep_prob` for
+  that). A `RootSelector` layer feeds the drawn candidate to the branch and
+  only that candidate gets the branch's gradient.
+- `pair_keep_prob=p` (per-pair dropping, a library option in neither the
+  paper nor the code): each pair is kept independently with probability
+  `p` per step, without rescaling (it scales the expected synergy weight
+  by `p`).
+
+Every draw is stateless and reproducible: a function of the model's seed
+and the optimizer's step counter (per step) or the step counter at the
+start of the epoch (per epoch). It is the same on every replica, continues
+across `fit` calls and matches after resuming from a checkpoint that
+restores the optimizer. Evaluation and `predict` use every branch, every
+pair and fixed roots (`eval_roots`); the inference model (main head only)
+never depends on any of it.
 """
 
 
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 from keras_dks import adapt
+from keras_dks import losses as losses_lib
 from keras_dks import taps as taps_lib
 from keras_dks.model import DKSModel
 
@@ -45,8 +75,8 @@ class _StepSource:
 
 
 def _branch_seed(seed, branch):
-    # A separate stateless stream per branch, disjoint from the pair mask's
-    # (seed, step) stream.
+    # A separate stateless stream per branch (branch -2: the branch mask),
+    # disjoint from the pair mask's (seed, step) stream.
     return int((int(seed) * 1_000_003 + 7_919 * (branch + 1)) % (2**31 - 1))
 
 
@@ -55,7 +85,8 @@ class RootSelector(keras.layers.Layer):
     """Feeds one of several equally shaped candidate tensors to a branch.
 
     In training the candidate is `index` (a non-trainable int variable that
-    `RootResampler` redraws each epoch) or, with `sampling="step"`, a fresh
+    `RootResampler` redraws at the start of each epoch from
+    `(seed, optimizer.iterations)`) or, with `sampling="step"`, a fresh
     stateless draw from `(seed, optimizer.iterations)` every step. Outside
     training it is always `eval_index`. The choice is a `tf.switch_case`, so
     the unchosen candidates get no gradient from the branch.
@@ -73,7 +104,7 @@ class RootSelector(keras.layers.Layer):
     a, b = keras.Input((4, 4, 8)), keras.Input((4, 4, 8))
     sel = keras_dks.methods.RootSelector(["a", "b"], [0.3, 0.7], seed=1)
     out = sel([a, b])
-    int(sel.draw(0))   # the candidate drawn for epoch 0
+    int(sel.draw(0))   # the candidate drawn for step 0
     ```
     """
 
@@ -136,9 +167,13 @@ class RootSelector(keras.layers.Layer):
         )
 
     def draw(self, counter):
-        """The candidate index for epoch (or step) `counter`, as a tensor.
+        """The candidate index for counter `counter`, as a tensor.
 
-        Stateless: a function of `(seed, counter)` only.
+        The counter is the optimizer's step (per-step sampling) or its value
+        at the start of the epoch (per-epoch sampling). Stateless: a function
+        of `(seed, counter)` only, namely the number of cumulative
+        probabilities `<= tf.random.stateless_uniform([], seed=[seed,
+        counter])`.
         """
         seed = tf.stack(
             [tf.constant(self.seed, tf.int64), tf.cast(counter, tf.int64)]
@@ -185,30 +220,48 @@ class RootSelector(keras.layers.Layer):
 
 
 def root_selectors(model):
-    """Every `RootSelector` inside `model` (also inside wrapping models)."""
-    return [l for l in model._flatten_layers() if isinstance(l, RootSelector)]
+    """Every `RootSelector` inside `model` (also inside nested models)."""
+    found, queue, seen = [], list(getattr(model, "layers", [])), set()
+    while queue:
+        layer = queue.pop(0)
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if isinstance(layer, RootSelector):
+            found.append(layer)
+        elif isinstance(layer, keras.Model):
+            queue.extend(layer.layers)
+    return found
 
 
 class RootResampler(keras.callbacks.Callback):
-    """Redraws the root of every dynamic branch at the start of each epoch.
+    """Redraws DHM's per-epoch choices at the start of each epoch.
 
-    `DHMModel.fit` adds one automatically when `root_sampling="epoch"`; pass
-    your own to log the choices (`verbose=1`) or to keep them
-    (`self.choices`). The draw for epoch `e` depends only on the model's
-    seed and `e`, so a resumed run (`initial_epoch`, `BackupAndRestore`)
-    draws the same roots as an uninterrupted one.
+    Per-epoch choices are the root of every dynamic branch
+    (`root_sampling="epoch"`) and the on/off mask of the auxiliary branches
+    (`branch_keep_prob < 1` with `branch_sampling="epoch"`). `DHMModel.fit`
+    adds one automatically when needed; pass your own to log the choices
+    (`verbose=1`) or to keep them (`choices`, `active`).
 
-    The variable is assigned here, between steps and outside the replica
-    context, so under `tf.distribute` every replica sees the same root.
+    The draw of an epoch depends only on the model's seed and the optimizer's
+    step counter at the start of that epoch, so a second `fit` call goes on
+    with new draws (Keras numbers its epochs from 0 again, the step counter
+    goes on), and a run resumed from a checkpoint that restores the optimizer
+    (`BackupAndRestore`, `keras_dks.callbacks.SafeBackupAndRestore`) draws
+    what an uninterrupted run draws.
+
+    The variables are assigned here, between steps and outside the replica
+    context, so under `tf.distribute` every replica sees the same choice.
 
     Args:
-        verbose: print the chosen roots at each epoch.
+        verbose: print the choices at each epoch.
 
     Example:
     ```python
     resampler = keras_dks.methods.RootResampler()
     model.fit(x, y, epochs=3, callbacks=[resampler])
     resampler.choices   # [(0, {"aux_b1_b2": "b2"}), (1, {...}), ...]
+    resampler.active    # [(0, ["aux_b1_b2"]), ...] with branch_keep_prob < 1
     ```
     """
 
@@ -216,27 +269,67 @@ class RootResampler(keras.callbacks.Callback):
         super().__init__()
         self.verbose = verbose
         self.choices = []
+        self.active = []
 
-    def resample(self, epoch):
-        chosen = {}
+    def _assign(self, variable, value):
         strategy = getattr(self.model, "distribute_strategy", None)
+        if strategy is not None:
+            with strategy.scope():
+                variable.assign(value)
+        else:
+            variable.assign(value)
+
+    def resample(self, counter):
+        """Draws and assigns the choices of counter `counter`.
+
+        Returns:
+            `(roots, active)`: `{head name: chosen root}` of the per-epoch
+            dynamic branches, and the names of the auxiliary heads that are
+            on (None when the branch mask is not drawn per epoch).
+        """
+        chosen = {}
         for sel in root_selectors(self.model):
             if sel.sampling != "epoch":
                 continue
-            index = int(sel.draw(epoch))
-            if strategy is not None:
-                with strategy.scope():
-                    sel.index.assign(index)
-            else:
-                sel.index.assign(index)
+            index = int(sel.draw(counter))
+            self._assign(sel.index, index)
             chosen[sel.name.removesuffix("_root")] = sel.candidates[index]
-        return chosen
+        active = None
+        if getattr(self.model, "branch_sampling", None) == "epoch" and (
+            self.model.samples_branches
+        ):
+            mask = np.asarray(self.model.draw_branch_mask(counter))
+            self._assign(self.model.branch_mask, mask)
+            active = [
+                h for h, m in zip(self.model.head_names[1:], mask) if m
+            ]
+        return chosen, active
 
     def on_epoch_begin(self, epoch, logs=None):
-        chosen = self.resample(epoch)
+        counter = int(self.model.optimizer.iterations.numpy())
+        chosen, active = self.resample(counter)
         self.choices.append((epoch, chosen))
-        if self.verbose and chosen:
-            print(f"RootResampler: epoch {epoch + 1} roots {chosen}")
+        if active is not None:
+            self.active.append((epoch, active))
+        if self.verbose and (chosen or active is not None):
+            print(
+                f"RootResampler: epoch {epoch + 1} roots {chosen}"
+                + ("" if active is None else f" active branches {active}")
+            )
+
+
+def _check_keep_probs(value):
+    """A float or a list of floats, each in (0, 1]."""
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    for v in values:
+        if not 0.0 < float(v) <= 1.0:
+            raise ValueError(
+                f"branch_keep_prob must be in (0, 1], got {v}; to remove a "
+                "branch for good, leave its layer out of roots."
+            )
+    if isinstance(value, (int, float)):
+        return float(value)
+    return [float(v) for v in values]
 
 
 def _normalise_roots(roots, root_probs, eval_roots):
@@ -334,26 +427,45 @@ def _branch_taps(backbone, entries, sampling, seed):
 class DHMModel(DKSModel):
     """Dynamic Hierarchical Mimicking (Li & Chen, CVPR 2020).
 
-    A `DKSModel` whose auxiliary branches may have several candidate roots.
-    `roots` lists one entry per branch: a layer name (fixed root, as in
-    DKS) or a list of candidate layer names with the same output shape. In
-    training, each dynamic branch is fed from a candidate drawn from
-    `root_probs`, once per epoch (`root_sampling="epoch"`, the paper; the
-    draw is made by `RootResampler`, which `fit` adds) or at every step
-    (`"step"`). Evaluation uses `eval_roots`. Pair dropping is on by default
-    (`pair_keep_prob=0.5`). Training step, losses, metrics and
-    `inference_model()` are `DKSModel`'s.
+    A `DKSModel` trained with DHM's loss: every auxiliary branch's CE plus
+    the pairwise mimicking term of every ordered pair of heads (main head
+    included), with optional stochastic branch locations (the paper's
+    Eq. 6-9) and optional dynamic roots. With the defaults it trains what the
+    paper's main experiments and the released code train: fixed branches,
+    every CE and every pair, weights 1, temperature 1; evaluation,
+    `predict` and `inference_model()` are `DKSModel`'s.
 
-    Differences from the papers/code, by design:
-    - `pair_keep_prob` defaults to 0.5, the released code's optional
-      Bernoulli variant; the paper's main experiments keep every pair
-      (pass 1.0) and fix the roots ("probabilities toggling between zero and
-      one", i.e. plain strings in `roots`).
-    - `root_probs` defaults to uniform over a branch's candidates (the
-      paper's example distribution).
-    - The branch's layers are shared by all candidates of the branch, which
-      is why they must have the same shape (the paper grows branches from
-      the sampled node; with equal shapes the branch is the same module).
+    Defaults and where they come from:
+    - `branch_keep_prob=1.0`: the paper's main experiments fork branches
+      "with probabilities toggling between zero and one" (fixed; Sec. 3.2)
+      and the released code computes every branch's CE and every pair on
+      every step. Values < 1 are the paper's Bernoulli location variant
+      (supplement): an off branch adds no CE and no pair (Eq. 8-9), nothing
+      is rescaled.
+    - `branch_sampling="epoch"`: "Locations of such intermediate layers are
+      dynamically drawn ... at each training epoch" (Sec. 3.2). `"step"`
+      draws at every step instead.
+    - `pair_keep_prob=1.0`: neither the paper nor the released code drops
+      single pairs; `pair_keep_prob < 1` is a library option (independent
+      Bernoulli per pair per step, no rescaling), kept under that name
+      only. (The released code's commented-out variant detaches a random
+      number of terms; it is not offered.)
+    - `aux_weight=1`, `synergy_weight=1` (`lambda_l = mu_pq = 1`, Sec. 3.2;
+      `--alpha 1 --temperature 1` in the code), pairs `"bidirectional"`
+      (the paper's default, Sec. 4.3.1).
+    - `root_probs=None`: uniform over a branch's candidates (the paper's
+      example distribution, Sec. 1).
+
+    Dynamic roots (`roots` with a list of candidate layers) are an
+    extension: the branch's layers are shared by all of its candidates,
+    which must therefore have the same output shape, while the paper gives
+    each location its own classifier (`W_s^l`, Eq. 8). For the paper's
+    formulation, give each location its own fixed root and use
+    `branch_keep_prob`.
+
+    Known differences: an off branch still runs forward (its BatchNorm
+    statistics update) and its weights still get `weight_decay` and
+    optimizer momentum; it gets no gradient from the loss.
 
     Args:
         backbone: see `DKSModel`.
@@ -366,11 +478,16 @@ class DHMModel(DKSModel):
             candidate that is one of the backbone's `dks_taps`.
         root_probs: one entry per branch: None (uniform) or a probability
             per candidate (normalised).
-        root_sampling: `"epoch"` or `"step"`.
+        root_sampling: `"epoch"` or `"step"`: when dynamic roots are drawn.
         eval_roots: one entry per branch: None (the most probable candidate,
             the first on ties) or the candidate name used at evaluation.
-        pair_keep_prob: DHM's stochastic pairs, see `DKSModel`.
-        seed: seed of pair dropping and root draws (random if None).
+        branch_keep_prob: probability that an auxiliary branch is on in
+            training, a float or one per auxiliary head in `head_names[1:]`
+            order (deepest first), each in (0, 1]. 1.0: always on.
+        branch_sampling: `"epoch"` (a mask per epoch, drawn by
+            `RootResampler`, which `fit` adds) or `"step"`.
+        pair_keep_prob: per-pair dropping probability, see `DKSModel`.
+        seed: seed of every draw (random if None).
         taps: alias of `roots`, so the kwargs of a `DKSModel` also build a
             `DHMModel`.
         **kwargs: every other `DKSModel` argument (`head`, `pairs`,
@@ -384,8 +501,9 @@ class DHMModel(DKSModel):
     x = keras.layers.Conv2D(8, 3, padding="same", name="b")(x)
     x = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="c")(x)
     backbone = keras.Model(inp, x)
+    # Two branches, at "a" and "b", each on with probability 0.5 per epoch.
     model = keras_dks.methods.DHMModel(
-        backbone, num_classes=5, roots=[["a", "b"]], root_probs=[[0.5, 0.5]],
+        backbone, num_classes=5, roots=["a", "b"], branch_keep_prob=0.5,
         head="conv")
     model.compile(optimizer="sgd", metrics=["accuracy"])
     model.fit(keras.random.uniform((8, 16, 16, 3)),
@@ -401,7 +519,9 @@ class DHMModel(DKSModel):
         root_probs=None,
         root_sampling="epoch",
         eval_roots=None,
-        pair_keep_prob=0.5,
+        branch_keep_prob=1.0,
+        branch_sampling="epoch",
+        pair_keep_prob=1.0,
         seed=None,
         taps=None,
         name="dhm_model",
@@ -411,9 +531,23 @@ class DHMModel(DKSModel):
             if not (isinstance(roots, str) and roots == "auto"):
                 raise ValueError("Pass roots or taps (an alias), not both.")
             roots = taps
-        if root_sampling not in ROOT_SAMPLING:
+        for arg, value in (
+            ("root_sampling", root_sampling),
+            ("branch_sampling", branch_sampling),
+        ):
+            if value not in ROOT_SAMPLING:
+                raise ValueError(
+                    f"{arg} must be one of {ROOT_SAMPLING}, got {value!r}."
+                )
+        keep = _check_keep_probs(branch_keep_prob)
+        if (
+            isinstance(keep, list)
+            and not isinstance(roots, str)
+            and len(keep) != len(list(roots))
+        ):
             raise ValueError(
-                f"root_sampling must be one of {ROOT_SAMPLING}, got {root_sampling!r}."
+                f"branch_keep_prob has {len(keep)} entries but roots has "
+                f"{len(list(roots))} branches; pass a float or one per branch."
             )
         if seed is None:
             seed = int(np.random.randint(0, 2**31 - 1))
@@ -446,12 +580,109 @@ class DHMModel(DKSModel):
             self.root_probs = [list(p) for _, p, _ in entries]
             self.eval_roots = [c[e] for c, _, e in entries]
         self.root_sampling = root_sampling
+        num_branches = len(self.head_names) - 1
+        if isinstance(keep, list) and len(keep) != num_branches:
+            raise ValueError(
+                f"branch_keep_prob has {len(keep)} entries but the model has "
+                f"{num_branches} auxiliary heads {self.head_names[1:]}; pass a "
+                "float or one per auxiliary head, deepest first."
+            )
+        self.branch_keep_prob = keep
+        self.branch_sampling = branch_sampling
+        self._branch_probs = (
+            [keep] * num_branches if isinstance(keep, float) else list(keep)
+        )
+        if self.samples_branches and branch_sampling == "epoch":
+            # The mask of the current epoch; RootResampler assigns it.
+            # "only_first_replica": one value, broadcast to every replica.
+            self.branch_mask = self.add_weight(
+                shape=(num_branches,),
+                dtype="float32",
+                initializer="ones",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="branch_mask",
+            )
 
     # -- training ---------------------------------------------------------
     @property
     def root_selectors(self):
         """The `RootSelector` layer of every dynamic branch."""
         return root_selectors(self)
+
+    @property
+    def samples_branches(self):
+        """Whether some auxiliary branch is switched off at random."""
+        return any(p < 1.0 for p in self._branch_probs)
+
+    @property
+    def branch_mask_seed(self):
+        """Seed of the branch-mask stream, see `draw_branch_mask`."""
+        return _branch_seed(self.seed, -2)
+
+    def draw_branch_mask(self, counter):
+        """The 0/1 mask of the auxiliary heads for counter `counter`.
+
+        `counter` is the optimizer's step (`branch_sampling="step"`) or its
+        value at the start of the epoch (`"epoch"`). Stateless: entry `k` is
+        `tf.random.stateless_uniform([K], seed=[branch_mask_seed,
+        counter])[k] < branch_keep_prob[k]`, K the number of auxiliary
+        heads, in `head_names[1:]` order.
+        """
+        seed = tf.stack(
+            [
+                tf.constant(self.branch_mask_seed, tf.int64),
+                tf.cast(counter, tf.int64),
+            ]
+        )
+        u = tf.random.stateless_uniform(
+            [len(self._branch_probs)], seed=seed, dtype=tf.float32
+        )
+        return tf.cast(u < tf.constant(self._branch_probs, tf.float32), "float32")
+
+    def head_mask(self, training=False):
+        """DHM's location indicators `I(l)` of this step: a 0/1 float32
+        tensor with one entry per head (the main head always 1), or None
+        when every branch is on (evaluation, `branch_keep_prob=1`)."""
+        if not training or not self.samples_branches:
+            return None
+        if self.branch_sampling == "step":
+            branches = self.draw_branch_mask(self.optimizer.iterations)
+        else:
+            branches = ops.convert_to_tensor(self.branch_mask)
+        return ops.concatenate([ops.ones((1,), "float32"), branches], axis=0)
+
+    def pair_mask(self, training=False):
+        """The 0/1 weight of every pair this step: `I(s) * I(t)` of its two
+        heads (Eq. 9), times the per-pair dropping mask if
+        `pair_keep_prob < 1`; None when every pair counts."""
+        dropped = super().pair_mask(training)
+        heads = self.head_mask(training)
+        if heads is None or not self.pair_list:
+            return dropped
+        pairs = ops.stack([heads[s] * heads[t] for s, t in self.pair_list])
+        return pairs if dropped is None else pairs * dropped
+
+    def compute_dks_loss(self, y, logits, sample_weight=None, training=False):
+        """`DKSModel.compute_dks_loss` with the location mask: head `k`'s CE
+        weighted by `I(k)` (Eq. 8), each pair by `pair_mask` (Eq. 9).
+        In `keras.ops`; only the draw of the mask uses TensorFlow."""
+        heads = self.head_mask(training)
+        if heads is None:
+            return super().compute_dks_loss(y, logits, sample_weight, training)
+        logits = list(logits) if isinstance(logits, (list, tuple)) else [logits]
+        terms = losses_lib.dks_loss_terms(
+            self.label_targets(y),
+            logits,
+            [w * heads[k] for k, w in enumerate(self.head_weights)],
+            self.pair_list,
+            self.pair_weights,
+            pair_mask=self.pair_mask(training),
+            sample_weight=sample_weight,
+        )
+        terms["regularization"] = self.regularization_loss()
+        terms["loss"] = terms["loss"] + terms["regularization"]
+        return terms
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
@@ -461,14 +692,13 @@ class DHMModel(DKSModel):
             sel._step_source = _StepSource(self.optimizer)
 
     def fit(self, *args, callbacks=None, **kwargs):
-        """`keras.Model.fit`, adding a `RootResampler` when roots are drawn
-        per epoch and none is in `callbacks`."""
+        """`keras.Model.fit`, adding a `RootResampler` when something is
+        drawn per epoch and none is in `callbacks`."""
         callbacks = list(callbacks or [])
-        if (
-            self.root_sampling == "epoch"
-            and self.root_selectors
-            and not any(isinstance(c, RootResampler) for c in callbacks)
-        ):
+        per_epoch = (self.root_sampling == "epoch" and self.root_selectors) or (
+            self.branch_sampling == "epoch" and self.samples_branches
+        )
+        if per_epoch and not any(isinstance(c, RootResampler) for c in callbacks):
             callbacks.append(RootResampler())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
@@ -481,6 +711,8 @@ class DHMModel(DKSModel):
                 "root_probs": self.root_probs,
                 "root_sampling": self.root_sampling,
                 "eval_roots": self.eval_roots,
+                "branch_keep_prob": self.branch_keep_prob,
+                "branch_sampling": self.branch_sampling,
             }
         )
         return config
