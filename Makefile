@@ -5,11 +5,16 @@ TF_PACKAGE ?= tensorflow-cpu==2.21.0
 # CUDA build, so the CPU wheel comes from local disk.
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
-.PHONY: install data demo test
+.PHONY: install install-demo data demo test
 
-install:
+# What the demo needs: TensorFlow, this package and matplotlib (curves).
+install-demo:
 	# TensorFlow first, so setup.py requires the flavour that is installed.
 	$(PYTHON) -c "import tensorflow" 2>/dev/null || $(PYTHON) -m pip install -q "$(TF_PACKAGE)"
+	$(PYTHON) -m pip install -q -e ".[plots]"
+
+# Everything the tests exercise.
+install: install-demo
 	# test: pytest & co; export: the ONNX / LiteRT / OpenVINO converters and runtimes.
 	$(PYTHON) -m pip install -q -e ".[test,export]"
 	# keras-hub backbones are tested too. keras-hub's tensorflow-text
@@ -23,7 +28,8 @@ install:
 	$(PYTHON) -c "import jax" 2>/dev/null || $(PYTHON) -m pip install -q "jax==0.10.2" "jaxlib==0.10.2"
 	@$(PYTHON) -c "import torch" 2>/dev/null || { \
 	  if [ -n "$(TORCH_WHEEL)" ]; then $(PYTHON) -m pip install -q "$(TORCH_WHEEL)"; \
-	  else echo "No CPU torch wheel found: pass TORCH_WHEEL=/path/to/torch-2.13.0+cpu-...whl"; exit 1; fi; }
+	  else $(PYTHON) -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+	    || { echo "No CPU torch wheel: pass TORCH_WHEEL=/path/to/torch-2.13.0+cpu-...whl"; exit 1; }; fi; }
 
 data:
 	# Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist (IDX files).
@@ -32,8 +38,9 @@ data:
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	else echo "dataset-fashion-mnist not installed: the demo falls back to keras.datasets"; fi
 
-demo: install data
+demo: install-demo data
 	$(PYTHON) examples/fashion_mnist.py
 
+# Two pytest workers (pytest-xdist): the suite takes about 8.5 min on 2 cores.
 test: install data
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 tests
