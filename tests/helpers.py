@@ -36,6 +36,10 @@ def np_log_softmax(z):
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+def np_softmax(z):
+    return np.exp(np_log_softmax(z))
+
+
 def assert_serialization_round_trip(obj, inputs=None):
     """`obj` survives `serialize` -> `deserialize` with the same config, and
     a model also a `.keras` save / load with the same outputs on `inputs`.

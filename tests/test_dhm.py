@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
+from helpers import np_log_softmax, np_softmax
 from keras_dks import DKSModel
 from keras_dks import methods
 from keras_dks.methods import DHMModel, RootResampler
@@ -44,20 +46,7 @@ def chain_backbone(size=8):
 
 
 def data(n=16, size=8, classes=5, seed=0):
-    rng = np.random.default_rng(seed)
-    return (
-        rng.uniform(size=(n, size, size, 3)).astype("float32"),
-        rng.integers(0, classes, n),
-    )
-
-
-def np_log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_softmax(z):
-    return np.exp(np_log_softmax(z))
+    return helpers.data(n, size, classes, seed)
 
 
 def np_ce(z, y):

@@ -11,6 +11,8 @@ import pytest
 import tensorflow as tf
 
 import keras_dks
+import helpers
+from helpers import np_log_softmax, np_softmax
 from keras_dks import DKSModel
 from keras_dks import methods
 from keras_dks.methods import DHMModel, SRDL
@@ -27,20 +29,7 @@ def stage_backbone(size=8, name="stages"):
 
 
 def data(n=16, size=8, classes=5, seed=0):
-    rng = np.random.default_rng(seed)
-    return (
-        rng.uniform(size=(n, size, size, 3)).astype("float32"),
-        rng.integers(0, classes, n),
-    )
-
-
-def np_log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_softmax(z):
-    return np.exp(np_log_softmax(z))
+    return helpers.data(n, size, classes, seed)
 
 
 # --------------------------------------------------------------------------
