@@ -317,6 +317,17 @@ class DKSModel(keras.Model):
         label smoothing applied (see `keras_dks.losses.label_targets`)."""
         return losses_lib.label_targets(y, self.num_classes, self.label_smoothing)
 
+    def head_mask(self, training=False):
+        """Per-head 0/1 weight of the current step, or None (every head counts).
+
+        The hook for methods that switch heads off per step (DHM's location
+        indicators, `keras_dks.methods.DHMModel`): return a float32 tensor
+        with one entry per head in `head_names` order; `compute_dks_loss`
+        multiplies `head_weights` by it. A method that masks heads usually
+        masks their pairs too, by overriding `pair_mask`.
+        """
+        return None
+
     def pair_mask(self, training=False):
         """Per-pair dropping mask of the current step, or None (all kept)."""
         if not training or self.pair_keep_prob >= 1.0 or not self.pair_list:
@@ -339,14 +350,22 @@ class DKSModel(keras.Model):
     def compute_dks_loss(self, y, logits, sample_weight=None, training=False):
         """Every loss term, unscaled by distribution (means over the batch).
 
+        Head `k`'s weight is `head_weights[k]` times `head_mask(training)[k]`
+        and pair `p`'s weight `pair_weights[p]` times `pair_mask(training)[p]`
+        (each mask only when not None).
+
         Returns:
             dict with `loss` (total), `ce` (list, one per head), `synergy` and
             `regularization`.
         """
+        head_weights = self.head_weights
+        heads = self.head_mask(training)
+        if heads is not None:
+            head_weights = [w * heads[k] for k, w in enumerate(head_weights)]
         terms = losses_lib.dks_loss_terms(
             self.label_targets(y),
             _as_list(logits),
-            self.head_weights,
+            head_weights,
             self.pair_list,
             self.pair_weights,
             pair_mask=self.pair_mask(training),

@@ -643,7 +643,9 @@ class DHMModel(DKSModel):
     def head_mask(self, training=False):
         """DHM's location indicators `I(l)` of this step: a 0/1 float32
         tensor with one entry per head (the main head always 1), or None
-        when every branch is on (evaluation, `branch_keep_prob=1`)."""
+        when every branch is on (evaluation, `branch_keep_prob=1`).
+        `DKSModel.compute_dks_loss` weights head `k`'s CE by it (Eq. 8);
+        `pair_mask` weights the pairs (Eq. 9)."""
         if not training or not self.samples_branches:
             return None
         if self.branch_sampling == "step":
@@ -662,27 +664,6 @@ class DHMModel(DKSModel):
             return dropped
         pairs = ops.stack([heads[s] * heads[t] for s, t in self.pair_list])
         return pairs if dropped is None else pairs * dropped
-
-    def compute_dks_loss(self, y, logits, sample_weight=None, training=False):
-        """`DKSModel.compute_dks_loss` with the location mask: head `k`'s CE
-        weighted by `I(k)` (Eq. 8), each pair by `pair_mask` (Eq. 9).
-        In `keras.ops`; only the draw of the mask uses TensorFlow."""
-        heads = self.head_mask(training)
-        if heads is None:
-            return super().compute_dks_loss(y, logits, sample_weight, training)
-        logits = list(logits) if isinstance(logits, (list, tuple)) else [logits]
-        terms = losses_lib.dks_loss_terms(
-            self.label_targets(y),
-            logits,
-            [w * heads[k] for k, w in enumerate(self.head_weights)],
-            self.pair_list,
-            self.pair_weights,
-            pair_mask=self.pair_mask(training),
-            sample_weight=sample_weight,
-        )
-        terms["regularization"] = self.regularization_loss()
-        terms["loss"] = terms["loss"] + terms["regularization"]
-        return terms
 
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
