@@ -100,8 +100,18 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 KERAS_ISSUE = "https://github.com/keras-team/keras/issues/20585"
 
 
-def require_tensorflow_backend(feature):
+def require_tensorflow_backend(
+    feature,
+    uses="tf.distribute",
+    alternative="on JAX use keras.distribution.DataParallel for multi-device "
+    "training",
+):
     """Raise a RuntimeError naming the fix unless Keras runs on TensorFlow.
+
+    Args:
+        feature: what needs TensorFlow (starts the message).
+        uses: the TensorFlow machinery it is built on.
+        alternative: what to do instead on other backends, or None.
 
     Example:
     ```python
@@ -111,9 +121,9 @@ def require_tensorflow_backend(feature):
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise RuntimeError(
-            f"{feature} is a TensorFlow feature (tf.distribute); KERAS_BACKEND "
-            f"is {backend!r}. Run with KERAS_BACKEND=tensorflow, or on JAX "
-            "use keras.distribution.DataParallel for multi-device training."
+            f"{feature} is a TensorFlow feature ({uses}); KERAS_BACKEND "
+            f"is {backend!r}. Run with KERAS_BACKEND=tensorflow"
+            + (f", or {alternative}." if alternative else ".")
         )
 
 

@@ -333,8 +333,18 @@ class DKSModel(keras.Model):
         if not training or self.pair_keep_prob >= 1.0 or not self.pair_list:
             return None
         return losses_lib.pair_mask(
-            len(self.pair_list), self.pair_keep_prob, self.seed, self.optimizer.iterations
+            len(self.pair_list), self.pair_keep_prob, self.seed, self.step_counter()
         )
+
+    def step_counter(self):
+        """The optimizer's step counter as the running train step sees it.
+
+        The key of every per-step draw (`pair_mask`, DHM's branches and
+        roots): `optimizer.iterations`, except inside a JAX train step,
+        where it is the step's own (traced) copy of it.
+        """
+        traced = getattr(self, "_traced_step", None)
+        return self.optimizer.iterations if traced is None else traced
 
     def regularization_loss(self):
         """Layer losses (`self.losses`) + coupled weight decay, float32."""
@@ -429,6 +439,29 @@ class DKSModel(keras.Model):
                 )
             self.optimizer.apply_gradients(zip(grads, variables))
             return self.compute_metrics(x, y, y_pred, sample_weight)
+
+    if keras.backend.backend() == "jax":
+
+        def compute_loss_and_updates(self, *args, optimizer_variables=None, **kwargs):
+            # Keras' JAX step runs the forward pass and the loss with only the
+            # model's variables in scope: `optimizer.iterations` would read as
+            # a constant of the first trace and every per-step draw would
+            # repeat. `step_counter()` returns the step's own copy instead.
+            iterations = self.optimizer.iterations if self.optimizer else None
+            self._traced_step = next(
+                (
+                    value
+                    for v, value in zip(self.optimizer.variables, optimizer_variables or [])
+                    if v is iterations
+                ),
+                None,
+            )
+            try:
+                return super().compute_loss_and_updates(
+                    *args, optimizer_variables=optimizer_variables, **kwargs
+                )
+            finally:
+                self._traced_step = None
 
     # ------------------------------------------------------------------
     # Label checks before any step
