@@ -82,10 +82,10 @@ Keras 3 bug keras-team/keras#20585
 
 `DKSModel` applies both only when its strategy is a
 `MultiWorkerMirroredStrategy` (see `needs_keras_20585_workaround`); nothing
-in Keras is patched. Remove this part, and the overrides marked
-"keras-team/keras#20585" in `keras_dks/model.py`, once Keras fixes the bug
-(tests/test_distribute.py has a canary test that fails when a plain Keras
-model starts working).
+in Keras is patched: `MultiWorkerWorkaroundMixin` (a base class of
+`DKSModel`) routes around it. Remove this part and the mixin once Keras
+fixes the bug (tests/test_distribute.py has a canary test that fails when a
+plain Keras model starts working).
 """
 
 import json
@@ -251,3 +251,49 @@ def rank1_logs(step_function, strategy):
         )
 
     return step
+
+
+class MultiWorkerWorkaroundMixin:
+    """Routes `fit` / `evaluate` around keras-team/keras#20585.
+
+    https://github.com/keras-team/keras/issues/20585: Keras' TensorFlow
+    trainer fails under `MultiWorkerMirroredStrategy` (see the module doc).
+    Put this class before `keras.Model` in a model's bases: for a model
+    created under that strategy (`needs_keras_20585_workaround`) it builds
+    with `maybe_symbolic_build` and wraps the train / test steps with
+    `rank1_logs`; any other model runs Keras' own code. It adds nothing on
+    the other backends. Remove it once Keras fixes the bug.
+
+    Example:
+    ```python
+    class MyModel(keras_dks.distribute.MultiWorkerWorkaroundMixin, keras.Model):
+        ...
+    ```
+    """
+
+    if keras.backend.backend() == "tensorflow":
+
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            if needs_keras_20585_workaround(self):
+                return maybe_symbolic_build(self, iterator, data_batch)
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+        def make_train_function(self, force=False):
+            if not needs_keras_20585_workaround(self) or (
+                self.train_function is not None and not force
+            ):
+                return super().make_train_function(force)
+            self.train_function = self._make_function(
+                rank1_logs(self.train_step, self.distribute_strategy)
+            )
+            return self.train_function
+
+        def make_test_function(self, force=False):
+            if not needs_keras_20585_workaround(self) or (
+                self.test_function is not None and not force
+            ):
+                return super().make_test_function(force)
+            self.test_function = self._make_function(
+                rank1_logs(self.test_step, self.distribute_strategy)
+            )
+            return self.test_function
