@@ -278,22 +278,24 @@ class MultiWorkerWorkaroundMixin:
                 return maybe_symbolic_build(self, iterator, data_batch)
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
-        def make_train_function(self, force=False):
+        def _rank1_logs_function(self, kind, force):
+            # The `kind` ("train" / "test") step function with rank-1 logs,
+            # or None where Keras' own is right (no workaround, or made).
+            attr = f"{kind}_function"
             if not needs_keras_20585_workaround(self) or (
-                self.train_function is not None and not force
+                getattr(self, attr) is not None and not force
             ):
-                return super().make_train_function(force)
-            self.train_function = self._make_function(
-                rank1_logs(self.train_step, self.distribute_strategy)
+                return None
+            step = getattr(self, f"{kind}_step")
+            setattr(self, attr, self._make_function(rank1_logs(step, self.distribute_strategy)))
+            return getattr(self, attr)
+
+        def make_train_function(self, force=False):
+            return self._rank1_logs_function("train", force) or super().make_train_function(
+                force
             )
-            return self.train_function
 
         def make_test_function(self, force=False):
-            if not needs_keras_20585_workaround(self) or (
-                self.test_function is not None and not force
-            ):
-                return super().make_test_function(force)
-            self.test_function = self._make_function(
-                rank1_logs(self.test_step, self.distribute_strategy)
+            return self._rank1_logs_function("test", force) or super().make_test_function(
+                force
             )
-            return self.test_function
