@@ -82,10 +82,10 @@ Keras 3 bug keras-team/keras#20585
 
 `DKSModel` applies both only when its strategy is a
 `MultiWorkerMirroredStrategy` (see `needs_keras_20585_workaround`); nothing
-in Keras is patched. Remove this part, and the overrides marked
-"keras-team/keras#20585" in `keras_dks/model.py`, once Keras fixes the bug
-(tests/test_distribute.py has a canary test that fails when a plain Keras
-model starts working).
+in Keras is patched: `MultiWorkerWorkaroundMixin` (a base class of
+`DKSModel`) routes around it. Remove this part and the mixin once Keras
+fixes the bug (tests/test_distribute.py has a canary test that fails when a
+plain Keras model starts working).
 """
 
 import json
@@ -100,8 +100,18 @@ STRATEGIES = ("default", "mirrored", "multi_worker")
 KERAS_ISSUE = "https://github.com/keras-team/keras/issues/20585"
 
 
-def require_tensorflow_backend(feature):
+def require_tensorflow_backend(
+    feature,
+    uses="tf.distribute",
+    alternative="on JAX use keras.distribution.DataParallel for multi-device "
+    "training",
+):
     """Raise a RuntimeError naming the fix unless Keras runs on TensorFlow.
+
+    Args:
+        feature: what needs TensorFlow (starts the message).
+        uses: the TensorFlow machinery it is built on.
+        alternative: what to do instead on other backends, or None.
 
     Example:
     ```python
@@ -111,9 +121,9 @@ def require_tensorflow_backend(feature):
     backend = keras.backend.backend()
     if backend != "tensorflow":
         raise RuntimeError(
-            f"{feature} is a TensorFlow feature (tf.distribute); KERAS_BACKEND "
-            f"is {backend!r}. Run with KERAS_BACKEND=tensorflow, or on JAX "
-            "use keras.distribution.DataParallel for multi-device training."
+            f"{feature} is a TensorFlow feature ({uses}); KERAS_BACKEND "
+            f"is {backend!r}. Run with KERAS_BACKEND=tensorflow"
+            + (f", or {alternative}." if alternative else ".")
         )
 
 
@@ -241,3 +251,51 @@ def rank1_logs(step_function, strategy):
         )
 
     return step
+
+
+class MultiWorkerWorkaroundMixin:
+    """Routes `fit` / `evaluate` around keras-team/keras#20585.
+
+    https://github.com/keras-team/keras/issues/20585: Keras' TensorFlow
+    trainer fails under `MultiWorkerMirroredStrategy` (see the module doc).
+    Put this class before `keras.Model` in a model's bases: for a model
+    created under that strategy (`needs_keras_20585_workaround`) it builds
+    with `maybe_symbolic_build` and wraps the train / test steps with
+    `rank1_logs`; any other model runs Keras' own code. It adds nothing on
+    the other backends. Remove it once Keras fixes the bug.
+
+    Example:
+    ```python
+    class MyModel(keras_dks.distribute.MultiWorkerWorkaroundMixin, keras.Model):
+        ...
+    ```
+    """
+
+    if keras.backend.backend() == "tensorflow":
+
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            if needs_keras_20585_workaround(self):
+                return maybe_symbolic_build(self, iterator, data_batch)
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+        def _rank1_logs_function(self, kind, force):
+            # The `kind` ("train" / "test") step function with rank-1 logs,
+            # or None where Keras' own is right (no workaround, or made).
+            attr = f"{kind}_function"
+            if not needs_keras_20585_workaround(self) or (
+                getattr(self, attr) is not None and not force
+            ):
+                return None
+            step = getattr(self, f"{kind}_step")
+            setattr(self, attr, self._make_function(rank1_logs(step, self.distribute_strategy)))
+            return getattr(self, attr)
+
+        def make_train_function(self, force=False):
+            return self._rank1_logs_function("train", force) or super().make_train_function(
+                force
+            )
+
+        def make_test_function(self, force=False):
+            return self._rank1_logs_function("test", force) or super().make_test_function(
+                force
+            )

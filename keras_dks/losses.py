@@ -317,40 +317,70 @@ def label_targets(y, num_classes, label_smoothing=0.0):
 # --------------------------------------------------------------------------
 # The DKS loss
 # --------------------------------------------------------------------------
+def stateless_uniform(shape, seed, step):
+    """Uniform float32 draws in [0, 1), a function of `(seed, step)` only.
+
+    The one source of randomness of the training-time draws (per-pair
+    dropping, DHM's branch mask and dynamic roots): keyed on a seed and the
+    optimizer's step counter, the same on every replica and after resuming.
+    TensorFlow uses `tf.random.stateless_uniform(shape, seed=[seed, step])`
+    (the draws of earlier releases); JAX folds `step` into
+    `jax.random.PRNGKey(seed)`; PyTorch seeds a `torch.Generator` with
+    `seed * 1_000_003 + step`. Draws are reproducible per backend but differ
+    across backends.
+
+    Args:
+        shape: shape of the draw (`()` for a scalar).
+        seed: Python int.
+        step: int scalar (Python int, tensor or the optimizer's
+            `iterations` variable).
+
+    Example:
+    ```python
+    stateless_uniform((3,), seed=1, step=0)   # the same 3 numbers every call
+    ```
+    """
+    shape = tuple(int(d) for d in shape)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        s = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(step, tf.int64)])
+        return tf.random.stateless_uniform(list(shape), seed=s)
+    if backend == "jax":
+        import jax
+
+        key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), ops.convert_to_tensor(step))
+        return jax.random.uniform(key, shape)
+    if backend == "torch":
+        import torch
+
+        gen = torch.Generator().manual_seed(
+            (int(seed) * 1_000_003 + int(ops.convert_to_numpy(step))) % (2**63)
+        )
+        return ops.convert_to_tensor(torch.rand(shape, generator=gen).numpy())
+    raise RuntimeError(
+        f"Stateless draws (pair_keep_prob < 1, DHMModel's branch and root "
+        f"sampling) need the TensorFlow, JAX or PyTorch backend; KERAS_BACKEND "
+        f"is {backend!r}. Run with one of those, or train without the draws."
+    )
+
+
 def pair_mask(num_pairs, keep_prob, seed, step):
     """Per-pair dropping (`pair_keep_prob`): a 1/0 float32 mask per pair.
 
     A library option: DHM's paper masks branch locations, not single pairs.
 
-    A function of `(seed, step)` only, so every replica and a resumed run
-    draw the same mask. TensorFlow uses `tf.random.stateless_uniform` (the
-    masks of earlier releases); JAX and PyTorch use their own stateless /
-    seeded generators, so masks are reproducible per backend but differ
-    across backends.
+    A function of `(seed, step)` only (`stateless_uniform(seed, step) <
+    keep_prob`), so every replica and a resumed run draw the same mask.
+    Masks are reproducible per backend but differ across backends.
 
     Example:
     ```python
     pair_mask(6, 0.5, seed=1, step=0)   # e.g. [1., 0., 0., 1., 1., 0.]
     ```
     """
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        s = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(step, tf.int64)])
-        draw = tf.random.stateless_uniform([num_pairs], seed=s)
-    elif backend == "jax":
-        import jax
-
-        key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), step)
-        draw = jax.random.uniform(key, (num_pairs,))
-    else:
-        import torch
-
-        gen = torch.Generator().manual_seed(
-            (int(seed) * 1_000_003 + int(ops.convert_to_numpy(step))) % (2**63)
-        )
-        draw = ops.convert_to_tensor(torch.rand(num_pairs, generator=gen).numpy())
+    draw = stateless_uniform((num_pairs,), seed, step)
     return ops.cast(draw < keep_prob, "float32")
 
 

@@ -3,7 +3,9 @@
 The graph comes from `keras_dks.adapt`, every loss term from
 `keras_dks.losses`; this module wires them into a `keras.Model` whose
 `compute_loss` is the DKS loss, so Keras' own trainers run it on every
-backend.
+backend. Per-head metrics, label checks and the backends' steps are in
+`keras_dks.trainer`, the keras-team/keras#20585 workaround in
+`keras_dks.distribute`.
 """
 
 import keras
@@ -13,6 +15,7 @@ from keras import ops
 from keras_dks import adapt
 from keras_dks import distribute as distribute_lib
 from keras_dks import losses as losses_lib
+from keras_dks import trainer as trainer_lib
 
 
 def _as_list(logits):
@@ -21,7 +24,9 @@ def _as_list(logits):
 
 
 @keras.saving.register_keras_serializable(package="keras_dks")
-class DKSModel(keras.Model):
+class DKSModel(
+    trainer_lib.DKSTrainerMixin, distribute_lib.MultiWorkerWorkaroundMixin, keras.Model
+):
     """Deeply-supervised Knowledge Synergy (Sun et al., CVPR 2019).
 
     Wraps a backbone into a multi-output model: the main classifier plus
@@ -89,10 +94,11 @@ class DKSModel(keras.Model):
     Training runs through Keras' own trainers: the loss is
     `compute_loss` (all terms from `keras_dks.losses`, in `keras.ops`), so
     `fit` / `evaluate` / `predict` work on the TensorFlow, JAX and PyTorch
-    backends. On TensorFlow `train_step` is a thin wrapper around the same
-    loss that also skips (and counts in `skipped_steps`) a step whose
-    gradients are not finite. `tf.distribute` strategies and SavedModel
-    export are TensorFlow-only; on JAX use
+    backends. Per-head metrics, label checks and the backends' step
+    details (on TensorFlow a step whose gradients are not finite is skipped
+    and counted in `skipped_steps`) come from
+    `keras_dks.trainer.DKSTrainerMixin`. `tf.distribute` strategies and
+    SavedModel export are TensorFlow-only; on JAX use
     `keras.distribution.DataParallel`.
 
     Example:
@@ -225,91 +231,6 @@ class DKSModel(keras.Model):
         )
 
     # ------------------------------------------------------------------
-    # Compile, metrics
-    # ------------------------------------------------------------------
-    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
-        """Configure training. Same as `keras.Model.compile`, except:
-
-        - `loss` must be None: the DKS loss is set by the constructor
-          (`aux_weight`, `synergy_weight`, `label_smoothing`, `pairs`).
-        - every metric in `metrics` is tracked for every head, exactly as
-          Keras tracks it on a plain model (labels in the form passed to
-          `fit`, so one-hot labels stay one-hot): the main head under the
-          plain name (`accuracy`), auxiliary heads prefixed with their head
-          name (`aux_conv4_block6_out_accuracy`).
-        """
-        for arg, fix in (
-            ("loss_weights", "aux_weight / synergy_weight"),
-            ("weighted_metrics", "metrics"),
-        ):
-            if kwargs.get(arg) is not None:
-                raise ValueError(
-                    f"DKSModel.compile does not take {arg}; use {fix} instead."
-                )
-            kwargs.pop(arg, None)
-        if loss is not None:
-            raise ValueError(
-                "DKSModel computes its own loss (per-head cross-entropy + synergy "
-                "loss); call compile(loss=None) and set aux_weight, "
-                "synergy_weight, label_smoothing and pairs on the DKSModel."
-            )
-        if isinstance(metrics, dict):
-            raise ValueError(
-                "DKSModel.compile takes a list of metrics, tracked for every "
-                "head; got a dict."
-            )
-        self._metric_specs = list(metrics) if metrics else []
-        per_head = None
-        if self._metric_specs:
-            # Metric objects hold state: each auxiliary head gets a copy.
-            per_head = {
-                h: [
-                    m.__class__.from_config(m.get_config())
-                    if (k and isinstance(m, keras.metrics.Metric))
-                    else m
-                    for m in self._metric_specs
-                ]
-                for k, h in enumerate(self.head_names)
-            }
-        super().compile(optimizer=optimizer, loss=None, metrics=per_head, **kwargs)
-
-    def get_compile_config(self):
-        config = super().get_compile_config()
-        if config is not None:
-            config["metrics"] = keras.saving.serialize_keras_object(
-                getattr(self, "_metric_specs", None) or None
-            )
-        return config
-
-    def compile_from_config(self, config):
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            # Lets load_model restore the optimizer state (resumed training).
-            self.optimizer.build(self.trainable_variables)
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        # Every head is scored against the same labels, as passed.
-        heads = _as_list(y_pred)
-        if len(heads) > 1:
-            y = {h: y for h in self.head_names}
-            y_pred = dict(zip(self.head_names, heads))
-        return super().compute_metrics(x, y, y_pred, sample_weight)
-
-    def get_metrics_result(self):
-        results = super().get_metrics_result()
-        if getattr(self, "_evaluating", False):
-            # Evaluation never skips a step: no val_skipped_steps.
-            results.pop("skipped_steps", None)
-        if len(self.head_names) > 1:
-            # The main head's metrics keep their plain names.
-            results = {
-                (k[len("main_"):] if k.startswith("main_") else k): v
-                for k, v in results.items()
-            }
-        return results
-
-    # ------------------------------------------------------------------
     # The loss
     # ------------------------------------------------------------------
     def label_targets(self, y):
@@ -317,12 +238,23 @@ class DKSModel(keras.Model):
         label smoothing applied (see `keras_dks.losses.label_targets`)."""
         return losses_lib.label_targets(y, self.num_classes, self.label_smoothing)
 
+    def head_mask(self, training=False):
+        """Per-head 0/1 weight of the current step, or None (every head counts).
+
+        The hook for methods that switch heads off per step (DHM's location
+        indicators, `keras_dks.methods.DHMModel`): return a float32 tensor
+        with one entry per head in `head_names` order; `compute_dks_loss`
+        multiplies `head_weights` by it. A method that masks heads usually
+        masks their pairs too, by overriding `pair_mask`.
+        """
+        return None
+
     def pair_mask(self, training=False):
         """Per-pair dropping mask of the current step, or None (all kept)."""
         if not training or self.pair_keep_prob >= 1.0 or not self.pair_list:
             return None
         return losses_lib.pair_mask(
-            len(self.pair_list), self.pair_keep_prob, self.seed, self.optimizer.iterations
+            len(self.pair_list), self.pair_keep_prob, self.seed, self.step_counter()
         )
 
     def regularization_loss(self):
@@ -339,14 +271,22 @@ class DKSModel(keras.Model):
     def compute_dks_loss(self, y, logits, sample_weight=None, training=False):
         """Every loss term, unscaled by distribution (means over the batch).
 
+        Head `k`'s weight is `head_weights[k]` times `head_mask(training)[k]`
+        and pair `p`'s weight `pair_weights[p]` times `pair_mask(training)[p]`
+        (each mask only when not None).
+
         Returns:
             dict with `loss` (total), `ce` (list, one per head), `synergy` and
             `regularization`.
         """
+        head_weights = self.head_weights
+        heads = self.head_mask(training)
+        if heads is not None:
+            head_weights = [w * heads[k] for k, w in enumerate(head_weights)]
         terms = losses_lib.dks_loss_terms(
             self.label_targets(y),
             _as_list(logits),
-            self.head_weights,
+            head_weights,
             self.pair_list,
             self.pair_weights,
             pair_mask=self.pair_mask(training),
@@ -371,107 +311,6 @@ class DKSModel(keras.Model):
             tracker.update_state(value, sample_weight=n)
         self.synergy_loss_tracker.update_state(terms["synergy"], sample_weight=n)
         return losses_lib.scale_for_distribution(terms["loss"])
-
-    # ------------------------------------------------------------------
-    # TensorFlow step (JAX and PyTorch run Keras' own)
-    # ------------------------------------------------------------------
-    if keras.backend.backend() == "tensorflow":
-        # JAX's and PyTorch's trainers call compute_loss themselves; their
-        # train_step has another signature, so none is defined there.
-
-        def train_step(self, data):
-            import tensorflow as tf
-
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            with tf.GradientTape() as tape:
-                y_pred = self(x, training=True)
-                loss = self.compute_loss(x, y, y_pred, sample_weight, training=True)
-                batch = tf.shape(keras.tree.flatten(x)[0])[0]
-                self._loss_tracker.update_state(
-                    losses_lib.unscale_for_distribution(loss), sample_weight=batch
-                )
-                scaled = self.optimizer.scale_loss(loss)  # loss scaling for float16
-            variables = self.trainable_variables
-            grads = tape.gradient(scaled, variables)
-            # A non-finite gradient would corrupt the weights for good: drop the
-            # whole step's gradient and count it (StopOnNonFiniteLoss stops on
-            # it). A LossScaleOptimizer skips such steps itself and lowers its
-            # scale (an overflow there is routine, not an error).
-            if not isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-                finite = tf.reduce_all(
-                    [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-                )
-                grads = [
-                    g if g is None else tf.where(finite, g, tf.zeros_like(g))
-                    for g in grads
-                ]
-                self.skipped_steps_tracker.update_state(
-                    1.0 - tf.cast(finite, "float32")
-                )
-            self.optimizer.apply_gradients(zip(grads, variables))
-            return self.compute_metrics(x, y, y_pred, sample_weight)
-
-    # ------------------------------------------------------------------
-    # Label checks before any step
-    # ------------------------------------------------------------------
-    def _check_labels(self, y):
-        if y is not None and (isinstance(y, np.ndarray) or hasattr(y, "numpy")):
-            losses_lib.check_labels(np.asarray(y), self.num_classes)
-
-    def fit(self, x=None, y=None, *args, **kwargs):
-        self._check_labels(y)
-        return super().fit(x, y, *args, **kwargs)
-
-    def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._check_labels(y)
-        self._evaluating = True
-        try:
-            return super().evaluate(x, y, *args, **kwargs)
-        finally:
-            self._evaluating = False
-
-    def train_on_batch(self, x, y=None, *args, **kwargs):
-        self._check_labels(y)
-        return super().train_on_batch(x, y, *args, **kwargs)
-
-    def test_on_batch(self, x, y=None, *args, **kwargs):
-        self._check_labels(y)
-        self._evaluating = True
-        try:
-            return super().test_on_batch(x, y, *args, **kwargs)
-        finally:
-            self._evaluating = False
-
-    if keras.backend.backend() == "tensorflow":
-        # --- keras-team/keras#20585 workaround (MultiWorkerMirroredStrategy) ---
-        # Keras' fit/evaluate fail under MultiWorkerMirroredStrategy; these three
-        # overrides route around it, only for models created under that strategy
-        # (details in keras_dks.distribute). Remove them when Keras fixes
-        # https://github.com/keras-team/keras/issues/20585.
-        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-            if distribute_lib.needs_keras_20585_workaround(self):
-                return distribute_lib.maybe_symbolic_build(self, iterator, data_batch)
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-        def make_train_function(self, force=False):
-            if not distribute_lib.needs_keras_20585_workaround(self) or (
-                self.train_function is not None and not force
-            ):
-                return super().make_train_function(force)
-            self.train_function = self._make_function(
-                distribute_lib.rank1_logs(self.train_step, self.distribute_strategy)
-            )
-            return self.train_function
-
-        def make_test_function(self, force=False):
-            if not distribute_lib.needs_keras_20585_workaround(self) or (
-                self.test_function is not None and not force
-            ):
-                return super().make_test_function(force)
-            self.test_function = self._make_function(
-                distribute_lib.rank1_logs(self.test_step, self.distribute_strategy)
-            )
-            return self.test_function
 
     # ------------------------------------------------------------------
     # Serialization
@@ -520,26 +359,11 @@ class DKSModel(keras.Model):
     ):
         """Export the inference network (backbone + main classifier).
 
-        Same arguments and formats as `keras.Model.export`
-        (`"tf_saved_model"`, `"litert"`, `"onnx"`, `"openvino"`), but the
-        artifact is `inference_model()`: no auxiliary head, one float32
-        `images` input, float32 `logits` out, computed in float32 even for a
-        model trained under a mixed precision policy. Each SavedModel weight
-        is stored once. See `keras_dks.export.export_inference`; for a TF
-        Serving layout with probabilities and top-k classes, use
+        `keras.Model.export`'s arguments and formats, applied to
+        `inference_model()` (float32 `images` -> `logits`, whatever the
+        training policy): see `keras_dks.export.export_inference`; for TF
+        Serving with probabilities and top-k classes,
         `keras_dks.export_saved_model`.
-
-        Args:
-            filepath: folder (`"tf_saved_model"`) or file (`.tflite`,
-                `.onnx`, `.xml`) to write.
-            format: the export format.
-            verbose: print what was written.
-            input_signature: optional input spec (default: the model's
-                input shape, free batch size, float32, named `images`).
-            **kwargs: passed to Keras' exporter of the format.
-
-        Returns:
-            The path written.
 
         Example:
         ```python

@@ -5,8 +5,11 @@ DKSModel on WRN-10-1 and on a keras.applications MobileNetV2, sets the same
 NumPy weights on every backend, and records: the loss terms on a fixed
 batch, the logits, a NumPy reference of the loss from those logits, `fit`
 logs, `evaluate` logs with per-head references, and whether `predict`,
-`inference_model()` and a `.keras` round trip agree. `test_backends.py`
-runs it per backend and compares with the TensorFlow values.
+`inference_model()` and a `.keras` round trip agree. It also trains a
+tiny `DHMModel` (loss under a fixed location mask, per-step draws in
+compiled steps, `fit`, `.keras` round trip) and records the errors of
+TensorFlow-only features. `test_backends.py` runs it per backend and
+compares with the TensorFlow values.
 
 `python tests/backend_check.py OUT.json --data-parallel` trains on one
 device, then on all with `keras.distribution.DataParallel` (JAX), and
@@ -127,6 +130,85 @@ def run_case(case, loss_only=False):
     return out
 
 
+def dhm_backbone():
+    """a1 -> a2 -> a3, equally shaped (candidate roots), then b."""
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(2, 3, strides=2, padding="same", activation="relu",
+                            name="a1")(inp)
+    x = keras.layers.Conv2D(2, 3, padding="same", activation="relu", name="a2")(x)
+    x = keras.layers.Conv2D(2, 3, padding="same", activation="relu", name="a3")(x)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu",
+                            name="b")(x)
+    return keras.Model(inp, x, name="chain")
+
+
+def dhm_model(sampling):
+    # Heads: main, aux_a2_a3 (dynamic root a2 | a3), aux_a1.
+    return keras_dks.methods.DHMModel(
+        dhm_backbone(), num_classes=4, roots=[["a2", "a3"], "a1"], head="simple",
+        branch_keep_prob=0.5, branch_sampling=sampling, root_sampling=sampling,
+        seed=5)
+
+
+def _np(v):
+    return np.asarray(keras.ops.convert_to_numpy(v))
+
+
+def run_dhm(loss_only=False):
+    """DHMModel: the loss under a fixed location mask and root; per-step
+    draws inside compiled steps; fit with per-epoch draws; `.keras` round
+    trip."""
+    x, y = batch(8)
+    model = dhm_model("epoch")
+    set_weights_by_path(model)
+    # Fixed mask and root (no draw): aux_a1 off, aux_a2_a3 fed by a3.
+    model.branch_mask.assign(np.array([1.0, 0.0], "float32"))
+    model.root_selectors[0].index.assign(1)
+    logits = model(x, training=True)
+    terms = model.compute_dks_loss(y, logits, training=True)
+    kept = [np.asarray(_np(z), "float64") for z in logits[:2]]
+    out = {
+        "loss": float(_np(terms["loss"])),
+        "numpy_loss": numpy_loss(kept, y, 4, [(0, 1), (1, 0)]),
+    }
+    if loss_only:
+        return out
+
+    # Per-step draws: the loss a compiled step logs (lr 0) is the loss of
+    # the draws of its step counter, computed eagerly.
+    model = dhm_model("step")
+    set_weights_by_path(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.0))
+    steps = range(4)
+    logged = [float(model.train_on_batch(x, y, return_dict=True)["loss"])
+              for _ in steps]
+    eager, draws = [], []
+    for s in steps:
+        model.optimizer.iterations.assign(s)
+        t = model.compute_dks_loss(y, model(x, training=True), training=True)
+        eager.append(float(_np(t["loss"])))
+        draws.append([_np(model.draw_branch_mask(s)).tolist(),
+                      int(_np(model.root_selectors[0].draw(s)))])
+    out.update(step_logged=logged, step_eager=eager, step_draws=draws)
+
+    # fit with per-epoch draws (RootResampler added by fit), save, reload.
+    model = dhm_model("epoch")
+    model.compile(optimizer=keras.optimizers.SGD(0.05), metrics=["accuracy"])
+    hist = model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+    out["fit_logs"] = {k: float(v[-1]) for k, v in hist.history.items()}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "dhm.keras")
+        model.save(path)
+        back = keras.saving.load_model(path)
+        out["reload_class"] = type(back).__name__
+        out["reload_matches"] = bool(all(
+            np.allclose(_np(a), _np(b), atol=1e-5)
+            for a, b in zip(model(x, training=False), back(x, training=False))))
+        out["reload_fit_loss"] = float(
+            back.fit(x, y, batch_size=4, epochs=1, verbose=0).history["loss"][-1])
+    return out
+
+
 def run_data_parallel():
     """The same two steps on one device, then on every device (DataParallel)."""
     import jax
@@ -160,10 +242,16 @@ if __name__ == "__main__":
         result = {"backend": keras.backend.backend()}
         for case in sys.argv[2:] or sorted(CASES):
             result[case] = run_case(case)
-        try:  # a TensorFlow-only feature says so on this backend
-            keras_dks.distribute.get_strategy("mirrored")
-            result["tf_only_error"] = None
-        except RuntimeError as e:
-            result["tf_only_error"] = str(e)
+        result["dhm"] = run_dhm()
+        # TensorFlow-only features say so on this backend.
+        for key, feature in (
+            ("tf_only_error", lambda: keras_dks.distribute.get_strategy("mirrored")),
+            ("srdl_error", lambda: keras_dks.methods.SRDL(lambda: None, epochs=2)),
+        ):
+            try:
+                feature()
+                result[key] = None
+            except RuntimeError as e:
+                result[key] = str(e)
     with open(target, "w") as f:
         json.dump(result, f)

@@ -7,7 +7,8 @@ import helpers
 
 @pytest.fixture
 def tiny_backbone():
-    """Factory: `tiny_backbone(bn=False, size=16, name="tiny", widths=...)`."""
+    """Factory: `tiny_backbone(bn=False, size=16, name="tiny", widths=...,
+    stem="conv")`, see `helpers.tiny_backbone`."""
     return helpers.tiny_backbone
 
 

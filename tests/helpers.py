@@ -10,10 +10,35 @@ import keras
 import numpy as np
 
 
-def tiny_backbone(bn=False, size=16, name="tiny", widths=(4, 8, 16)):
-    """Stem + stride-2 stages; stage ends are s1, s2, ... (ReLU layers)."""
+STEMS = ("conv", "conv_bn", "block")
+
+
+def tiny_backbone(bn=False, size=16, name="tiny", widths=(4, 8, 16), stem="conv"):
+    """Stem + stride-2 stages; stage ends are s1, s2, ... (ReLU layers).
+
+    Args:
+        bn: BatchNormalization (`s<k>_bn`) before every stage's ReLU, and
+            in a `"block"` stem.
+        size: input height and width.
+        name: model name.
+        widths: filters of each stage.
+        stem: `"conv"`, a 4-filter Conv2D named `stem`; `"conv_bn"`, the
+            same followed by BatchNormalization `stem_bn`; `"block"`, Conv2D
+            `stem_conv` (+ `stem_bn` if `bn`) + ReLU `stem`, a tappable
+            stage like the others.
+    """
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}.")
     inp = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inp)
+    if stem == "block":
+        x = keras.layers.Conv2D(4, 3, padding="same", name="stem_conv")(inp)
+        if bn:
+            x = keras.layers.BatchNormalization(name="stem_bn")(x)
+        x = keras.layers.ReLU(name="stem")(x)
+    else:
+        x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inp)
+        if stem == "conv_bn":
+            x = keras.layers.BatchNormalization(name="stem_bn")(x)
     for k, width in enumerate(widths, start=1):
         x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
         if bn:

@@ -4,7 +4,9 @@ Each backend runs `backend_check.py` in a subprocess (the backend is fixed
 at import). Its loss on the same NumPy weights and batch must equal the
 NumPy reference and the TensorFlow value computed here; fit / evaluate /
 predict / inference_model / `.keras` round trip must work, and per-head
-logs must match per-head references. JAX DataParallel on 2 CPU devices
+logs must match per-head references. A tiny DHMModel trains, draws per
+step inside compiled steps and reloads; TensorFlow-only features (tf.distribute,
+SRDL) raise an error naming the fix. JAX DataParallel on 2 CPU devices
 must train like 1 device.
 """
 
@@ -40,21 +42,38 @@ def _run(backend, tmp_path, *args, env=None):
 
 
 @pytest.fixture(scope="module")
+def backend_run(tmp_path_factory):
+    """`backend_run(name)`: backend_check.py's results, one run per backend."""
+    cache = {}
+
+    def run(backend):
+        pytest.importorskip(backend)  # `make install` installs both
+        if backend not in cache:
+            cache[backend] = _run(backend, tmp_path_factory.mktemp(backend))
+        return cache[backend]
+
+    return run
+
+
+@pytest.fixture(scope="module")
 def tf_reference():
     keras.utils.set_random_seed(0)
-    return {case: backend_check.run_case(case, loss_only=True)
-            for case in backend_check.CASES}
+    ref = {case: backend_check.run_case(case, loss_only=True)
+           for case in backend_check.CASES}
+    ref["dhm"] = backend_check.run_dhm(loss_only=True)
+    return ref
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_dks_model_on_backend(backend, tmp_path, tf_reference):
-    pytest.importorskip(backend)  # `make install` installs both
-    got = _run(backend, tmp_path)
+def test_dks_model_on_backend(backend, backend_run, tf_reference):
+    got = backend_run(backend)
     assert got["backend"] == backend
     assert "TensorFlow feature" in got["tf_only_error"]
     assert "KERAS_BACKEND=tensorflow" in got["tf_only_error"]
-    for case, ref in tf_reference.items():
-        r = got[case]
+    assert "TensorFlow feature" in got["srdl_error"]
+    assert "KERAS_BACKEND=tensorflow" in got["srdl_error"]
+    for case in backend_check.CASES:
+        ref, r = tf_reference[case], got[case]
         # Same loss as NumPy (from this backend's logits) and as TensorFlow.
         np.testing.assert_allclose(r["loss"], r["numpy_loss"], rtol=1e-5)
         np.testing.assert_allclose(r["loss"], ref["loss"], rtol=1e-4)
@@ -84,3 +103,19 @@ def test_jax_data_parallel_two_devices_trains_like_one(tmp_path):
     for path, w in one["weights"].items():
         np.testing.assert_allclose(two["weights"][path], w, rtol=1e-4, atol=1e-5,
                                    err_msg=path)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_dhm_model_on_backend(backend, backend_run, tf_reference):
+    r = backend_run(backend)["dhm"]
+    # Fixed location mask (aux_a1 off) and root: NumPy's and TensorFlow's loss.
+    np.testing.assert_allclose(r["loss"], r["numpy_loss"], rtol=1e-5)
+    np.testing.assert_allclose(r["loss"], tf_reference["dhm"]["loss"], rtol=1e-4)
+    # Compiled steps draw from their own step counter (a JAX step reading a
+    # traced-in constant would repeat the first step's draw).
+    assert len({str(d) for d in r["step_draws"]}) > 1, r["step_draws"]
+    np.testing.assert_allclose(r["step_logged"], r["step_eager"], rtol=1e-5)
+    assert all(np.isfinite(v) for v in r["fit_logs"].values())
+    assert {"aux_a1_ce_loss", "aux_a2_a3_accuracy"} <= set(r["fit_logs"])
+    assert r["reload_class"] == "DHMModel" and r["reload_matches"]
+    assert np.isfinite(r["reload_fit_loss"])

@@ -446,8 +446,8 @@ def test_multi_worker_fit_equals_single_process(multi_worker_runs):
 
 def test_keras_20585_still_breaks_plain_models(multi_worker_runs):
     """Canary: when this fails, Keras fixed keras-team/keras#20585. Remove
-    the workaround in keras_dks/distribute.py and the overrides marked
-    "keras-team/keras#20585" in keras_dks/model.py."""
+    the workaround in keras_dks/distribute.py (MultiWorkerWorkaroundMixin,
+    a base class of DKSModel, and the helpers it uses)."""
     _, results = multi_worker_runs
     for r in results:
         assert r["plain_error"] is not None, (

@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 import keras_dks
+from helpers import tiny_backbone
 from keras_dks import DKSModel
 from keras_dks.export import export_saved_model
 
@@ -30,16 +31,6 @@ def classifier(seed=0, classes=CLASSES, name="net"):
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     return keras.Model(inp, keras.layers.Dense(classes)(x), name=name)
-
-
-def tiny_backbone():
-    """Stem + three stride-2 stages; stage ends are s1, s2, s3."""
-    inp = keras.Input((SIZE, SIZE, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inp)
-    for k, width in enumerate([4, 8, 16], start=1):
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
-        x = keras.layers.ReLU(name=f"s{k}")(x)
-    return keras.Model(inp, x, name="tiny")
 
 
 def uint8_images(n=6, size=SIZE, seed=0):
@@ -204,7 +195,7 @@ def test_rest_instances_body_fits_the_signature_input(tmp_path, input_dtype):
 # --------------------------------------------------------------------------
 def test_dks_model_exports_main_head_only(tmp_path):
     keras.utils.set_random_seed(0)
-    model = DKSModel(tiny_backbone(), num_classes=CLASSES, taps=["s1", "s2"], head="residual")
+    model = DKSModel(tiny_backbone(size=SIZE), num_classes=CLASSES, taps=["s1", "s2"], head="residual")
     inference = model.inference_model()
     aux = model.head_names[1:]
     assert aux == ["aux_s2", "aux_s1"]
@@ -437,7 +428,7 @@ def run_python(args, tmp_path):
 
 def test_cli_exports_a_saved_dks_model(tmp_path):
     keras.utils.set_random_seed(0)
-    model = DKSModel(tiny_backbone(), num_classes=CLASSES, taps=["s1"], head="simple")
+    model = DKSModel(tiny_backbone(size=SIZE), num_classes=CLASSES, taps=["s1"], head="simple")
     model.save(tmp_path / "model.keras")
     base = tmp_path / "exports"
     result = run_python(
@@ -514,13 +505,7 @@ def dks_model(policy="float32", seed=0):
     try:
         keras.config.set_dtype_policy(policy)
         keras.utils.set_random_seed(seed)
-        inp = keras.Input((SIZE, SIZE, 3))
-        x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inp)
-        x = keras.layers.BatchNormalization(name="stem_bn")(x)
-        for k, width in enumerate([4, 8, 16], start=1):
-            x = keras.layers.Conv2D(width, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
-            x = keras.layers.ReLU(name=f"s{k}")(x)
-        backbone = keras.Model(inp, x, name="tiny")
+        backbone = tiny_backbone(size=SIZE, stem="conv_bn")
         return DKSModel(backbone, num_classes=CLASSES, taps=["s1", "s2"], head="residual")
     finally:
         keras.config.set_dtype_policy(previous)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import keras
 
+import helpers
 import keras_dks
 from keras_dks import DKSModel
 from keras_dks.callbacks import SafeBackupAndRestore
@@ -28,20 +29,6 @@ from keras_dks.callbacks import StopOnNonFiniteLoss
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
 EPOCHS, STEPS = 3, 4  # 32 examples, batch 8
-
-
-def tiny_backbone(bn=True):
-    inp = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="stem_conv")(inp)
-    if bn:
-        x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.ReLU(name="stem")(x)
-    for k, w in enumerate([4, 8], start=1):
-        x = keras.layers.Conv2D(w, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
-        if bn:
-            x = keras.layers.BatchNormalization(name=f"s{k}_bn")(x)
-        x = keras.layers.ReLU(name=f"s{k}")(x)
-    return keras.Model(inp, x, name="tiny")
 
 
 def data(n=32, seed=0):
@@ -60,7 +47,8 @@ def make_model(light=False, **kwargs):
     else:
         kwargs.setdefault("head_depth", 1)
     model = DKSModel(
-        tiny_backbone(bn=not light), num_classes=5, taps=["stem", "s1"], seed=0,
+        helpers.tiny_backbone(bn=not light, size=8, widths=(4, 8), stem="block"),
+        num_classes=5, taps=["stem", "s1"], seed=0,
         **kwargs,
     )
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9), metrics=["accuracy"])

@@ -20,7 +20,7 @@ LAYERS = [
     {"utils", "losses", "taps", "blocks", "distribute", "data", "callbacks", "export"},
     {"heads"},
     {"adapt", "backbones"},
-    {"model"},
+    {"model", "trainer"},
     {"methods"},
     {"recipes", "plots"},
 ]

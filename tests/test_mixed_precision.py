@@ -5,23 +5,9 @@ import pytest
 import keras
 import tensorflow as tf
 
+import helpers
 import keras_dks
 from keras_dks import DKSModel
-
-
-def tiny_backbone(bn=True):
-    """8x8 input; stem (8x8), s1 (4x4), s2 (2x2): taps stem, s1 -> 3 heads."""
-    inp = keras.Input((8, 8, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", name="stem_conv")(inp)
-    if bn:
-        x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.ReLU(name="stem")(x)
-    for k, w in enumerate([4, 8], start=1):
-        x = keras.layers.Conv2D(w, 3, strides=2, padding="same", name=f"s{k}_conv")(x)
-        if bn:
-            x = keras.layers.BatchNormalization(name=f"s{k}_bn")(x)
-        x = keras.layers.ReLU(name=f"s{k}")(x)
-    return keras.Model(inp, x, name="tiny")
 
 
 def data(n=16, seed=0, classes=5):
@@ -43,9 +29,11 @@ def global_policy():
 
 
 def make_model(bn=True, **kwargs):
+    # stem (8x8), s1 (4x4), s2 (2x2): taps stem, s1 -> 3 heads.
     kwargs.setdefault("head_depth", 1)
     return DKSModel(
-        tiny_backbone(bn), num_classes=5, taps=["stem", "s1"], seed=0, **kwargs
+        helpers.tiny_backbone(bn, size=8, widths=(4, 8), stem="block"),
+        num_classes=5, taps=["stem", "s1"], seed=0, **kwargs
     )
 
 

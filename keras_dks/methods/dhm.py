@@ -51,7 +51,6 @@ never depends on any of it.
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from keras_dks import adapt
@@ -63,15 +62,15 @@ ROOT_SAMPLING = ("epoch", "step")
 
 
 class _StepSource:
-    """Plain holder (not tracked by Keras) giving a layer the optimizer's
-    step counter without making the counter one of the layer's weights."""
+    """Plain holder (not tracked by Keras) giving a layer the model's step
+    counter without making the counter one of the layer's weights."""
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
+    def __init__(self, model):
+        self.model = model
 
     @property
     def iterations(self):
-        return self.optimizer.iterations
+        return self.model.step_counter()
 
 
 def _branch_seed(seed, branch):
@@ -88,8 +87,9 @@ class RootSelector(keras.layers.Layer):
     `RootResampler` redraws at the start of each epoch from
     `(seed, optimizer.iterations)`) or, with `sampling="step"`, a fresh
     stateless draw from `(seed, optimizer.iterations)` every step. Outside
-    training it is always `eval_index`. The choice is a `tf.switch_case`, so
-    the unchosen candidates get no gradient from the branch.
+    training it is always `eval_index`. The choice is a `keras.ops.switch`
+    (`tf.switch_case`, `jax.lax.switch`), so the unchosen candidates get no
+    gradient from the branch.
 
     Args:
         candidates: names of the candidate layers (for logs and configs).
@@ -172,23 +172,21 @@ class RootSelector(keras.layers.Layer):
         The counter is the optimizer's step (per-step sampling) or its value
         at the start of the epoch (per-epoch sampling). Stateless: a function
         of `(seed, counter)` only, namely the number of cumulative
-        probabilities `<= tf.random.stateless_uniform([], seed=[seed,
-        counter])`.
+        probabilities `<= keras_dks.losses.stateless_uniform((), seed,
+        counter)` (on TensorFlow `tf.random.stateless_uniform([],
+        seed=[seed, counter])`).
         """
-        seed = tf.stack(
-            [tf.constant(self.seed, tf.int64), tf.cast(counter, tf.int64)]
-        )
-        u = tf.random.stateless_uniform([], seed=seed, dtype=tf.float32)
-        bounds = tf.constant(np.cumsum(self.probs)[:-1], tf.float32)
-        return tf.reduce_sum(tf.cast(u >= bounds, tf.int32))
+        u = losses_lib.stateless_uniform((), self.seed, counter)
+        bounds = ops.convert_to_tensor(np.cumsum(self.probs)[:-1], "float32")
+        return ops.sum(ops.cast(u >= bounds, "int32"))
 
     def current_index(self, training=False):
         """The candidate this layer feeds forward in the given mode."""
         if not training:
-            return tf.constant(self.eval_index, tf.int32)
+            return ops.convert_to_tensor(self.eval_index, "int32")
         if self.sampling == "step" and self._step_source is not None:
             return self.draw(self._step_source.iterations)
-        return tf.convert_to_tensor(self.index)
+        return ops.convert_to_tensor(self.index)
 
     def call(self, inputs, training=None):
         inputs = list(inputs)
@@ -197,10 +195,9 @@ class RootSelector(keras.layers.Layer):
         if len(inputs) == 1:
             return inputs[0]
         index = self.current_index(training=True)
-        # switch_case runs only the chosen branch: the others get no gradient.
-        return tf.switch_case(
-            index, [lambda t=t: tf.identity(t) for t in inputs]
-        )
+        # switch runs only the chosen branch: the others get no gradient.
+        branches = [lambda *xs, k=k: xs[k] for k in range(len(inputs))]
+        return ops.switch(index, branches, *inputs)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[0])
@@ -298,7 +295,7 @@ class RootResampler(keras.callbacks.Callback):
         if getattr(self.model, "branch_sampling", None) == "epoch" and (
             self.model.samples_branches
         ):
-            mask = np.asarray(self.model.draw_branch_mask(counter))
+            mask = ops.convert_to_numpy(self.model.draw_branch_mask(counter))
             self._assign(self.model.branch_mask, mask)
             active = [
                 h for h, m in zip(self.model.head_names[1:], mask) if m
@@ -306,7 +303,7 @@ class RootResampler(keras.callbacks.Callback):
         return chosen, active
 
     def on_epoch_begin(self, epoch, logs=None):
-        counter = int(self.model.optimizer.iterations.numpy())
+        counter = int(ops.convert_to_numpy(self.model.optimizer.iterations))
         chosen, active = self.resample(counter)
         self.choices.append((epoch, chosen))
         if active is not None:
@@ -625,29 +622,28 @@ class DHMModel(DKSModel):
 
         `counter` is the optimizer's step (`branch_sampling="step"`) or its
         value at the start of the epoch (`"epoch"`). Stateless: entry `k` is
+        `keras_dks.losses.stateless_uniform((K,), branch_mask_seed,
+        counter)[k] < branch_keep_prob[k]` (on TensorFlow
         `tf.random.stateless_uniform([K], seed=[branch_mask_seed,
-        counter])[k] < branch_keep_prob[k]`, K the number of auxiliary
-        heads, in `head_names[1:]` order.
+        counter])`), K the number of auxiliary heads, in `head_names[1:]`
+        order.
         """
-        seed = tf.stack(
-            [
-                tf.constant(self.branch_mask_seed, tf.int64),
-                tf.cast(counter, tf.int64),
-            ]
+        u = losses_lib.stateless_uniform(
+            (len(self._branch_probs),), self.branch_mask_seed, counter
         )
-        u = tf.random.stateless_uniform(
-            [len(self._branch_probs)], seed=seed, dtype=tf.float32
-        )
-        return tf.cast(u < tf.constant(self._branch_probs, tf.float32), "float32")
+        probs = ops.convert_to_tensor(self._branch_probs, "float32")
+        return ops.cast(u < probs, "float32")
 
     def head_mask(self, training=False):
         """DHM's location indicators `I(l)` of this step: a 0/1 float32
         tensor with one entry per head (the main head always 1), or None
-        when every branch is on (evaluation, `branch_keep_prob=1`)."""
+        when every branch is on (evaluation, `branch_keep_prob=1`).
+        `DKSModel.compute_dks_loss` weights head `k`'s CE by it (Eq. 8);
+        `pair_mask` weights the pairs (Eq. 9)."""
         if not training or not self.samples_branches:
             return None
         if self.branch_sampling == "step":
-            branches = self.draw_branch_mask(self.optimizer.iterations)
+            branches = self.draw_branch_mask(self.step_counter())
         else:
             branches = ops.convert_to_tensor(self.branch_mask)
         return ops.concatenate([ops.ones((1,), "float32"), branches], axis=0)
@@ -663,33 +659,12 @@ class DHMModel(DKSModel):
         pairs = ops.stack([heads[s] * heads[t] for s, t in self.pair_list])
         return pairs if dropped is None else pairs * dropped
 
-    def compute_dks_loss(self, y, logits, sample_weight=None, training=False):
-        """`DKSModel.compute_dks_loss` with the location mask: head `k`'s CE
-        weighted by `I(k)` (Eq. 8), each pair by `pair_mask` (Eq. 9).
-        In `keras.ops`; only the draw of the mask uses TensorFlow."""
-        heads = self.head_mask(training)
-        if heads is None:
-            return super().compute_dks_loss(y, logits, sample_weight, training)
-        logits = list(logits) if isinstance(logits, (list, tuple)) else [logits]
-        terms = losses_lib.dks_loss_terms(
-            self.label_targets(y),
-            logits,
-            [w * heads[k] for k, w in enumerate(self.head_weights)],
-            self.pair_list,
-            self.pair_weights,
-            pair_mask=self.pair_mask(training),
-            sample_weight=sample_weight,
-        )
-        terms["regularization"] = self.regularization_loss()
-        terms["loss"] = terms["loss"] + terms["regularization"]
-        return terms
-
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         # Per-step draws read the optimizer's step counter, like the pair
         # mask, so they are identical on every replica.
         for sel in self.root_selectors:
-            sel._step_source = _StepSource(self.optimizer)
+            sel._step_source = _StepSource(self)
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, adding a `RootResampler` when something is

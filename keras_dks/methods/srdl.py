@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_dks import distribute as distribute_lib
 from keras_dks import losses as losses_lib
 from keras_dks import utils
 from keras_dks.data.pipelines import with_index  # noqa: F401 (re-exported)
@@ -97,6 +98,16 @@ def _num_classes(model):
     if outputs and len(outputs) == 1 and outputs[0].shape[-1] is not None:
         return int(outputs[0].shape[-1])
     return None
+
+
+def _require_tensorflow(what):
+    # The soft-target table, label checks and stage driver are tf.data /
+    # tf.function code; fail here rather than deep inside the first step.
+    distribute_lib.require_tensorflow_backend(
+        what,
+        uses="tf.data pipelines and tf.function",
+        alternative="train DKSModel / DHMModel, which run on every backend",
+    )
 
 
 def _label_range_message(num_classes, low=None, high=None):
@@ -246,6 +257,7 @@ class SRDLModel(keras.Model):
         table_shape=None,
         **kwargs,
     ):
+        _require_tensorflow("SRDLModel")
         super().__init__(**kwargs)
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay}.")
@@ -476,6 +488,7 @@ class SRDL:
         strategy=None,
         compile_kwargs=None,
     ):
+        _require_tensorflow("SRDL")
         if not (callable(model_fn) or isinstance(model_fn, keras.Model)):
             raise ValueError("model_fn must be a function returning a keras.Model.")
         epochs = int(epochs)
