@@ -102,3 +102,4 @@ def spread_verdict(rounds_a, rounds_b):
     if max(rounds_b) < min(rounds_a):
         return "b faster"
     return "overlap: no difference resolved"
+

@@ -5,8 +5,10 @@ loss, SGD) of two WRNs is timed under both dtype policies in interleaved
 rounds: `rounds` times, `steps` steps of the float32 model, then `steps` of
 the bfloat16 one. Each round gives one speed-up (bf16 images/s over f32
 images/s); the summary reports their median and range, and calls bfloat16
-faster only when every bf16 round beats every f32 round. CPUs with
-AVX512-BF16 (and GPUs/TPUs) run bfloat16 matmuls natively.
+faster (slower) only when every bf16 round beats (trails) every f32 round. CPUs with
+AVX512-BF16 or AMX-BF16 (and GPUs/TPUs) run bfloat16 matmuls natively; without
+them, bfloat16 is emulated and slow, so the summary records which of these
+CPU flags the machine advertises.
 
 Usage (the committed results come from exactly this command):
     python benchmarks/precision.py
@@ -28,8 +30,8 @@ import keras_dks  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds.")
-flags.DEFINE_integer("steps", 8, "Train steps per round and precision.")
+flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds.")
+flags.DEFINE_integer("steps", 2, "Train steps per round and precision.")
 flags.DEFINE_string("out_dir", "benchmarks/results/precision", "Where results go.")
 
 CONFIGS = {
@@ -50,6 +52,16 @@ def build(config, policy):
     finally:
         keras.mixed_precision.set_dtype_policy("float32")
     return model
+
+
+def cpu_bf16_flags():
+    """The native-bfloat16 CPU flags this machine advertises (Linux only)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags_line = next(line for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return None
+    return sorted({"avx512_bf16", "amx_bf16"} & set(flags_line.split(":", 1)[1].split()))
 
 
 def measure(config):
@@ -75,7 +87,11 @@ def measure(config):
         "speedup_per_round": speedups,
         "speedup_median": float(np.median(speedups)),
         "speedup_range": [float(min(speedups)), float(max(speedups))],
-        "rounds_overlap": bool(min(rates["mixed_bfloat16"]) <= max(rates["float32"])),
+        # Seconds per image, so the lower set of rounds is the faster one.
+        "verdict": {"a faster": "bf16 faster", "b faster": "bf16 slower"}.get(
+            common.spread_verdict([1 / r for r in rates["mixed_bfloat16"]],
+                                  [1 / r for r in rates["float32"]]),
+            "within noise (rounds overlap)"),
     }
 
 
@@ -83,6 +99,7 @@ def main(argv):
     del argv
     results = {name: measure(config) for name, config in CONFIGS.items()}
     env, command = common.environment(), common.command_line()
+    env["cpu_bf16_flags"] = cpu_bf16_flags()
     common.write_json(os.path.join(FLAGS.out_dir, "summary.json"), {
         "command": command, "environment": env,
         "config": {"rounds": FLAGS.rounds, "steps": FLAGS.steps}, "results": results,
@@ -92,7 +109,9 @@ def main(argv):
         "",
         f"Command: `{command}` at commit {env['git_commit']}  ",
         f"Machine: {env['cpu']} ({env['cpu_count']} cores), TensorFlow {env['tensorflow']}, "
-        f"Keras {env['keras']}; {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps.",
+        f"Keras {env['keras']}; {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps; "
+        f"native bfloat16 CPU flags: {', '.join(env['cpu_bf16_flags'] or []) or 'none'}; "
+        f"1-minute load average at the end: {env['load_average_1min']:.1f}.",
         "",
         "| network | float32 img/s (median) | bf16 img/s (median) | speed-up median (range over rounds) | verdict |",
         "|---|---|---|---|---|",
@@ -100,10 +119,8 @@ def main(argv):
     for name, r in results.items():
         f32, bf16 = (np.median(r["images_per_second"][p]) for p in ("float32", "mixed_bfloat16"))
         lo, hi = r["speedup_range"]
-        verdict = ("within noise (rounds overlap)" if r["rounds_overlap"]
-                   else ("bf16 faster" if r["speedup_median"] > 1 else "bf16 slower"))
         lines.append(f"| {name} | {f32:.1f} | {bf16:.1f} | {r['speedup_median']:.2f}x "
-                     f"({lo:.2f}–{hi:.2f}) | {verdict} |")
+                     f"({lo:.2f}–{hi:.2f}) | {r['verdict']} |")
     with open(os.path.join(FLAGS.out_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

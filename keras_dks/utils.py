@@ -35,10 +35,16 @@ def atomic_write(path, write, suffix=""):
     """
     base = path[: -len(suffix)] if suffix and path.endswith(suffix) else path
     tmp = f"{base}.tmp-{os.getpid()}{suffix}"
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A failed write leaves the old file and no half-written sibling.
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 

@@ -20,7 +20,6 @@ import json
 import os
 import sys
 import tempfile
-import zlib
 
 import numpy as np
 
@@ -29,34 +28,15 @@ import keras
 import keras_dks
 from keras_dks import backbones
 
-
-def set_weights_by_path(model):
-    """He-normal kernels, zero biases, unit BN scales, seeded by path."""
-    for v in model.weights:
-        rng = np.random.default_rng(zlib.crc32(v.path.encode()))
-        shape = tuple(v.shape)
-        name = v.path.split("/")[-1]
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
-            value = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
-        elif name in ("gamma", "moving_variance"):
-            value = np.ones(shape)
-        else:
-            value = np.zeros(shape)
-        v.assign(value.astype(v.dtype))
-
-
-def _log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import np_dks_loss, np_log_softmax, set_weights_by_path  # noqa: E402
 
 
 def numpy_loss(logits, y, num_classes, pairs, smoothing=0.0):
-    t = np.eye(num_classes)[y] * (1 - smoothing) + smoothing / num_classes
-    per = sum(-(t * _log_softmax(z)).sum(-1) for z in logits)
-    for s, j in pairs:
-        per = per - (np.exp(_log_softmax(logits[j])) * _log_softmax(logits[s])).sum(-1)
-    return float(per.mean())
+    """The NumPy DKS objective with unit head and pair weights."""
+    onehot = np.eye(num_classes)[y]
+    return float(np_dks_loss(logits, onehot, [1.0] * len(logits), pairs, [1.0] * len(pairs),
+                             smoothing))
 
 
 CASES = {
@@ -112,7 +92,7 @@ def run_case(case, loss_only=False):
         prefix = "" if name == "main" else f"{name}_"
         ref[f"{prefix}accuracy"] = float(np.mean(z.argmax(-1) == y))
         ref[f"{prefix}ce_loss"] = float(
-            -(targets * _log_softmax(z.astype("float64"))).sum(-1).mean())
+            -(targets * np_log_softmax(z.astype("float64"))).sum(-1).mean())
     out["eval_refs"] = ref
     pred = model.predict(x, verbose=0)
     out["predict_matches"] = bool(np.allclose(pred[0], logits[0], rtol=1e-4, atol=1e-4))

@@ -5,6 +5,7 @@ Import with `from helpers import ...` (pytest puts `tests/` on the path).
 
 import os
 import tempfile
+import zlib
 
 import keras
 import numpy as np
@@ -98,3 +99,55 @@ def assert_serialization_round_trip(obj, inputs=None):
                     rtol=1e-5, atol=1e-6,
                 )
     return back
+
+
+def np_dks_loss(logits, labels_onehot, alphas, pairs, betas, smoothing=0.0, w=None):
+    """The DKS objective in NumPy: weighted CE of every head plus the synergy
+    terms, (student, teacher) pairs with teacher probabilities as targets."""
+    c = labels_onehot.shape[-1]
+    targets = labels_onehot * (1 - smoothing) + smoothing / c
+    b = labels_onehot.shape[0]
+    w = np.ones(b) if w is None else w
+    per = np.zeros(b)
+    for a, z in zip(alphas, logits):
+        per += a * -(targets * np_log_softmax(z)).sum(-1)
+    for (s, t), beta in zip(pairs, betas):
+        p_t = np.exp(np_log_softmax(logits[t]))
+        per += beta * -(p_t * np_log_softmax(logits[s])).sum(-1)
+    return (w * per).sum() / b
+
+
+def learnable_data(n=96, classes=3, seed=0):
+    """Images whose class is the brightest channel: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.normal(scale=0.3, size=(n, 16, 16, 3)).astype("float32")
+    x[np.arange(n), :, :, y] += 1.0  # the class is the brightest channel
+    return x, y
+
+
+def set_weights_by_path(model):
+    """He-normal kernels, zero biases, unit BN scales, each seeded by the
+    variable's path: the same weights on every backend and in every run."""
+    for v in model.weights:
+        rng = np.random.default_rng(zlib.crc32(v.path.encode()))
+        shape = tuple(v.shape)
+        name = v.path.split("/")[-1]
+        if name == "kernel":
+            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
+            value = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
+        elif name in ("gamma", "moving_variance"):
+            value = np.ones(shape)
+        else:
+            value = np.zeros(shape)
+        v.assign(value.astype(v.dtype))
+
+
+def stage_backbone(size=8, name="stages"):
+    """Stem + three stride-2 stages; stage ends s1 (4x4), s2 (2x2), s3."""
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="s1")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s3")(x)
+    return keras.Model(inp, x, name=name)

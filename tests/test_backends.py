@@ -10,6 +10,7 @@ SRDL) raise an error naming the fix. JAX DataParallel on 2 CPU devices
 must train like 1 device.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,7 +48,8 @@ def backend_run(tmp_path_factory):
     cache = {}
 
     def run(backend):
-        pytest.importorskip(backend)  # `make install` installs both
+        # A missing backend must fail, not skip.
+        assert importlib.util.find_spec(backend), f"{backend} is not installed: run `make install`"
         if backend not in cache:
             cache[backend] = _run(backend, tmp_path_factory.mktemp(backend))
         return cache[backend]
@@ -94,7 +96,6 @@ def test_dks_model_on_backend(backend, backend_run, tf_reference):
 
 
 def test_jax_data_parallel_two_devices_trains_like_one(tmp_path):
-    pytest.importorskip("jax")
     flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     got = _run("jax", tmp_path, "--data-parallel", env=flags)
     assert got["devices"] == 2

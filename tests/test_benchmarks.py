@@ -71,3 +71,15 @@ def test_methods_of_a_seed_start_from_the_same_inference_network():
         assert len(other) == len(base)
         for x, y in zip(base, other):
             np.testing.assert_array_equal(x, y)
+
+
+
+def test_spread_verdict_calls_a_difference_only_without_overlap():
+    from benchmarks import common
+
+    # Per-image seconds of the committed precision run (bf16 ~10x slower):
+    # once read "within noise" by a one-sided overlap check.
+    f32, bf16 = [1 / 150, 1 / 125, 1 / 170], [1 / 18, 1 / 21, 1 / 17]
+    assert common.spread_verdict(bf16, f32) == "b faster"
+    assert common.spread_verdict(f32, bf16) == "a faster"
+    assert common.spread_verdict([1.0, 1.2], [1.1, 1.3]).startswith("overlap")

@@ -455,7 +455,7 @@ def test_inception_crop_decodes_jpeg_window():
 
 
 def test_imagenet_keras_cv_crop():
-    pytest.importorskip("keras_cv")
+    import keras_cv  # noqa: F401  (`make install` installs it; a missing one must fail)
     raw, _ = varying_images([(50, 40), (33, 61)])
     ds = imagenet.make_dataset(raw, training=True, batch_size=2, image_size=24,
                                augment="random_resized", crop="keras_cv")

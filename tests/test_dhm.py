@@ -18,20 +18,10 @@ import pytest
 import tensorflow as tf
 
 import helpers
-from helpers import np_log_softmax, np_softmax
+from helpers import np_log_softmax, np_softmax, stage_backbone
 from keras_dks import DKSModel
 from keras_dks import methods
 from keras_dks.methods import DHMModel, RootResampler
-
-
-def stage_backbone(size=8, name="stages"):
-    """Stem + three stride-2 stages; stage ends s1 (4x4), s2 (2x2), s3."""
-    inp = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="s1")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s3")(x)
-    return keras.Model(inp, x, name=name)
 
 
 def chain_backbone(size=8):

@@ -22,6 +22,7 @@ import pytest
 
 import keras_dks
 from keras_dks import backbones
+from helpers import set_weights_by_path
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "dks_golden.json")
 RECORD = os.environ.get("KERAS_DKS_RECORD_GOLDEN") == "1"
@@ -33,21 +34,6 @@ pytestmark = pytest.mark.skipif(
 
 def _seed(path):
     return zlib.crc32(path.encode())
-
-
-def _set_weights_by_path(model):
-    for v in model.weights:
-        rng = np.random.default_rng(_seed(v.path))
-        shape = tuple(v.shape)
-        name = v.path.split("/")[-1]
-        if name == "kernel":
-            fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else shape[0]
-            value = rng.normal(size=shape) * np.sqrt(2.0 / fan_in)
-        elif name in ("gamma", "moving_variance"):
-            value = np.ones(shape)
-        else:
-            value = np.zeros(shape)
-        v.assign(value.astype(v.dtype))
 
 
 def _fingerprint(model):
@@ -84,7 +70,7 @@ def _run(case):
     keras.utils.set_random_seed(0)
     model = keras_dks.DKSModel(spec["backbone"](), num_classes=5, seed=3,
                                **spec["kwargs"])
-    _set_weights_by_path(model)
+    set_weights_by_path(model)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                   run_eagerly=True)
     rng = np.random.default_rng(1)

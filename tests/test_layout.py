@@ -67,3 +67,32 @@ def test_data_imports_nothing_from_methods():
         if f.endswith(".py"):
             deps = set(_imports(os.path.join(ROOT, "data", f)))
             assert deps <= {"data"}, (f, deps)
+
+
+def test_every_library_module_has_its_test_module():
+    # Top-level modules and packages, and each method of `methods/`
+    # (`kd`'s frozen teacher is tested with the registry, in test_methods).
+    tests = os.path.dirname(os.path.abspath(__file__))
+    modules = {f.removesuffix(".py") for f in os.listdir(ROOT)
+               if f.endswith(".py") and f != "__init__.py" or
+               os.path.isfile(os.path.join(ROOT, f, "__init__.py"))}
+    modules |= {f.removesuffix(".py") for f in os.listdir(os.path.join(ROOT, "methods"))
+                if f.endswith(".py") and f not in ("__init__.py", "kd.py")}
+    missing = sorted(m for m in modules
+                     if not os.path.exists(os.path.join(tests, f"test_{m}.py")))
+    assert not missing, f"modules without tests/test_<module>.py: {missing}"
+
+
+def test_tests_named_in_the_docs_exist():
+    # docs/BAD_INPUTS.md and the README cite tests as `test_x.py::test_y`.
+    import re
+
+    repo = os.path.dirname(ROOT)
+    broken = []
+    for doc in ("README.md", os.path.join("docs", "BAD_INPUTS.md")):
+        text = open(os.path.join(repo, doc)).read()
+        for module, name in set(re.findall(r"(test_\w+\.py)::(\w+)", text)):
+            path = os.path.join(repo, "tests", module)
+            if not (os.path.exists(path) and re.search(rf"def {name}\b", open(path).read())):
+                broken.append(f"{doc}: {module}::{name}")
+    assert not broken, broken

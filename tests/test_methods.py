@@ -12,20 +12,10 @@ import tensorflow as tf
 
 import keras_dks
 import helpers
-from helpers import np_log_softmax, np_softmax
+from helpers import np_log_softmax, np_softmax, stage_backbone
 from keras_dks import DKSModel
 from keras_dks import methods
 from keras_dks.methods import DHMModel, SRDL
-
-
-def stage_backbone(size=8, name="stages"):
-    """Stem + two stride-2 stages; stage ends s1 (4x4) and s2 (2x2)."""
-    inp = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="stem")(inp)
-    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu", name="s1")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2")(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s3")(x)
-    return keras.Model(inp, x, name=name)
 
 
 def data(n=16, size=8, classes=5, seed=0):

@@ -9,7 +9,7 @@ import keras
 import tensorflow as tf
 
 import keras_dks
-from keras_dks import plots, recipes
+from keras_dks import recipes
 
 SPE = 391  # CIFAR: ceil(50000 / 128) steps per epoch
 
@@ -167,26 +167,6 @@ def test_epoch_log_survives_restarts(tmp_path):
     history = recipes.read_epoch_log(str(path))
     assert history["loss"] == [2.0, 1.4]
     assert np.isnan(history["val_accuracy"][0]) and history["val_accuracy"][1] == 0.35
-
-
-def test_error_curves_and_plot(tmp_path):
-    history = {
-        "loss": [3.0, 2.0],
-        "accuracy": [0.5, 0.75],
-        "aux_group1_ce_loss": [1.0, 0.9],
-        "aux_group1_accuracy": [0.25, 0.5],
-        "top5": [0.9, 0.95],
-        "val_accuracy": [0.6, 0.8],
-        "val_aux_group1_accuracy": [0.3, 0.6],
-    }
-    curves = plots.error_curves(history)
-    assert list(curves) == ["main", "aux_group1"]
-    np.testing.assert_allclose(curves["main"]["train"], [50.0, 25.0])
-    np.testing.assert_allclose(curves["aux_group1"]["test"], [70.0, 40.0])
-    path = plots.plot_error_curves({"baseline": {"accuracy": [0.5]}, "dks": history},
-                                   str(tmp_path / "sub" / "c.png"), title="t")
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_export_bakes_in_the_normalisation(tmp_path):

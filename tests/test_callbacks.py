@@ -1,5 +1,5 @@
-"""Surviving faults: SIGKILL mid-epoch, death while a checkpoint is written,
-non-finite losses.
+"""keras_dks.callbacks: surviving faults (SIGKILL mid-epoch, death while a
+checkpoint is written) and non-finite losses.
 
 The crash tests run a real training script in subprocesses (each with a
 timeout, killed by pid on failure). Data order is deterministic (no
@@ -79,7 +79,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import json, os, signal, sys, time
     sys.path.insert(0, os.environ["TEST_DIR"])
     import keras
-    from test_fault_tolerance import EPOCHS, EpochRecorder, data, make_model
+    from test_callbacks import EPOCHS, EpochRecorder, data, make_model
     from keras_dks.callbacks import SafeBackupAndRestore
 
     backup, out, marker = sys.argv[1:4]
