@@ -10,6 +10,7 @@ SRDL) raise an error naming the fix. JAX DataParallel on 2 CPU devices
 must train like 1 device.
 """
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -30,8 +31,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(backend, tmp_path, *args, env=None):
-    out = tmp_path / f"{backend}.json"
+# With `--dist loadgroup` (setup.cfg) a backend's tests share one xdist
+# worker, so its backend_check.py run is made once and not waited for.
+BACKENDS = [pytest.param(b, marks=pytest.mark.xdist_group(b)) for b in ("jax", "torch")]
+
+
+def _run(backend, tmp_path, *args, env=None, out=None):
+    out = out or tmp_path / f"{backend}.json"
     full_env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT,
                     TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     proc = subprocess.run(
@@ -42,17 +48,23 @@ def _run(backend, tmp_path, *args, env=None):
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
-def backend_run(tmp_path_factory):
-    """`backend_run(name)`: backend_check.py's results, one run per backend."""
-    cache = {}
+@pytest.fixture(scope="session")
+def backend_run(tmp_path_factory, worker_id):
+    """`backend_run(name)`: backend_check.py's results, one run per backend
+    and pytest session, shared by the xdist workers (a file lock makes the
+    second worker wait for the first one's run instead of repeating it)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # this session's
 
     def run(backend):
         # A missing backend must fail, not skip.
         assert importlib.util.find_spec(backend), f"{backend} is not installed: run `make install`"
-        if backend not in cache:
-            cache[backend] = _run(backend, tmp_path_factory.mktemp(backend))
-        return cache[backend]
+        out = shared / f"backend_check_{backend}.json"
+        with open(shared / f"backend_check_{backend}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not out.exists():
+                _run(backend, None, out=out)
+        return json.loads(out.read_text())
 
     return run
 
@@ -66,7 +78,7 @@ def tf_reference():
     return ref
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dks_model_on_backend(backend, backend_run, tf_reference):
     got = backend_run(backend)
     assert got["backend"] == backend
@@ -106,7 +118,7 @@ def test_jax_data_parallel_two_devices_trains_like_one(tmp_path):
                                    err_msg=path)
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dhm_model_on_backend(backend, backend_run, tf_reference):
     r = backend_run(backend)["dhm"]
     # Fixed location mask (aux_a1 off) and root: NumPy's and TensorFlow's loss.
