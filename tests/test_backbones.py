@@ -14,6 +14,9 @@ import keras_dks
 from keras_dks import backbones
 from keras_dks import heads
 
+# Its module-scoped fixtures run once: keep its tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("backbones")
+
 
 def trainable_params(model):
     return sum(int(np.prod(v.shape)) for v in model.trainable_weights)

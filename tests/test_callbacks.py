@@ -26,6 +26,9 @@ from keras_dks import DKSModel
 from keras_dks.callbacks import SafeBackupAndRestore
 from keras_dks.callbacks import StopOnNonFiniteLoss
 
+# Its module-scoped fixtures run once: keep its tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("callbacks")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
 EPOCHS, STEPS = 3, 4  # 32 examples, batch 8

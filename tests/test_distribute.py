@@ -22,6 +22,9 @@ import tensorflow as tf
 import keras_dks
 from keras_dks import DKSModel
 
+# Its module-scoped fixtures run once: keep its tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("distribute")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
 ATOL = 1e-5

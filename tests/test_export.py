@@ -19,6 +19,9 @@ from helpers import tiny_backbone
 from keras_dks import DKSModel
 from keras_dks.export import export_saved_model
 
+# Its module-scoped fixtures run once: keep its tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("export")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, CLASSES = 16, 5
 

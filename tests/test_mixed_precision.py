@@ -9,6 +9,9 @@ import helpers
 import keras_dks
 from keras_dks import DKSModel
 
+# Its module-scoped fixtures run once: keep its tests on one xdist worker.
+pytestmark = pytest.mark.xdist_group("mixed_precision")
+
 
 def data(n=16, seed=0, classes=5):
     rng = np.random.default_rng(seed)
