@@ -367,6 +367,8 @@ def test_fashion_mnist_real_idx(tmp_path):
 
 
 def test_fashion_mnist_synthetic_idx(tmp_path):
+    # --jobs 1: the methods one after the other in one process (the real-data
+    # test above runs them side by side, one process each, as `make demo`).
     rng = np.random.default_rng(0)
     data = tmp_path / "idx"
     data.mkdir()
@@ -381,7 +383,7 @@ def test_fashion_mnist_synthetic_idx(tmp_path):
     out = run_example(
         "fashion_mnist.py",
         ["--data_dir", str(data), "--methods", "dks,srdl", "--depth", "10", "--epochs", "2",
-         "--batch_size", "16", "--train_examples", "0", "--noexport",
+         "--batch_size", "16", "--train_examples", "0", "--noexport", "--jobs", "1",
          "--model_dir", str(tmp_path / "run")],
     )
     assert "40 training / 20 test images" in out
