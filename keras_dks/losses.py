@@ -161,9 +161,6 @@ def batch_mean(per_example, sample_weight=None):
     return ops.sum(per_example) / ops.cast(ops.shape(per_example)[0], "float32")
 
 
-_batch_mean = batch_mean  # old private name, kept for existing callers
-
-
 def scale_for_distribution(value):
     """Divide a loss by the replica count under `tf.distribute`.
 
