@@ -58,7 +58,7 @@ setup(
         "importlib_resources",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3", "matplotlib", "numpy", "scipy"],
+        "test": ["pytest>=7", "pytest-xdist>=3.6", "matplotlib", "numpy", "scipy"],
         "benchmarks": ["matplotlib", "scipy"],
         "plots": ["matplotlib"],
         "cv": ["keras-cv>=0.9"],

@@ -108,7 +108,7 @@ def test_dks_model_on_backend(backend, backend_run, tf_reference):
 
 
 def test_jax_data_parallel_two_devices_trains_like_one(tmp_path):
-    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
     got = _run("jax", tmp_path, "--data-parallel", env=flags)
     assert got["devices"] == 2
     one, two = got["one"], got["all"]

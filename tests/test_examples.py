@@ -382,15 +382,60 @@ def test_fashion_mnist_synthetic_idx(tmp_path):
             (data / stem).write_bytes(header + array.tobytes())
     out = run_example(
         "fashion_mnist.py",
-        ["--data_dir", str(data), "--methods", "dks,srdl", "--depth", "10", "--epochs", "2",
+        ["--data_dir", str(data), "--methods", "baseline,srdl", "--depth", "10", "--epochs", "2",
          "--batch_size", "16", "--train_examples", "0", "--noexport", "--jobs", "1",
          "--model_dir", str(tmp_path / "run")],
     )
     assert "40 training / 20 test images" in out
-    assert set(per_head_rows(out)) == {("dks", "main"), ("dks", "aux_group1"), ("dks", "aux_group0"),
-                                       ("srdl", "main")}
+    assert set(per_head_rows(out)) == {("baseline", "main"), ("srdl", "main")}
     with open(tmp_path / "run" / "srdl" / "history.json") as f:
         history = json.load(f)["history"]
     # Two stages of one epoch; only stage 2 distils.
     assert len(history["accuracy"]) == 2 and np.isnan(history["distill_loss"][0])
     assert np.isfinite(history["distill_loss"][1])
+
+
+def _study_lines(*flags):
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import fashion_mnist
+        fashion_mnist.FLAGS(["fashion_mnist.py"] + sys.argv[2:])
+        print("\\n".join(fashion_mnist.study_lines()))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code, EXAMPLES, *flags], capture_output=True,
+                          text=True, timeout=120, env=_env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
+def _paired_text(paired):
+    lo, hi = paired["ci95"]
+    return (f"{paired['n']} seeds paired by seed): mean gain of DKS over the baseline "
+            f"{100 * paired['mean_gain']:+.2f} points, 95 % CI [{100 * lo:+.2f}, {100 * hi:+.2f}], "
+            f"one-sided paired t-test p = {paired['p_one_sided']:.3f}.")
+
+
+def test_fashion_mnist_prints_the_committed_result_of_its_recipe():
+    """`make demo` (default flags) prints the committed sweep point of its
+    recipe, then the headline study; with the headline's recipe, only that."""
+    results = os.path.join(REPO, "benchmarks", "results")
+    with open(os.path.join(results, "accuracy", "summary.json")) as f:
+        headline = json.load(f)
+    with open(os.path.join(results, "size_sweep", "summary.json")) as f:
+        sweep = json.load(f)
+    default = _study_lines()
+    point = sweep["points"]["1000"]
+    assert point["config"]["train_examples"] == 1000 and point["config"]["epochs"] == 24
+    assert len(default) == 3, default
+    assert default[0].startswith("Committed size sweep at 1,000 images")
+    assert "(this recipe: 1,000 images, 24 epochs; " in default[0]
+    assert default[0].endswith(_paired_text(point["paired"]["dks_vs_baseline"]))
+    assert default[1].startswith("Committed headline study")
+    assert "(another recipe than this run: 2,000 images" in default[1]
+    assert default[1].endswith(_paired_text(headline["paired"]["dks_vs_baseline"]))
+    assert default[2].startswith("One seed cannot show this")
+    two_k = _study_lines("--train_examples", "2000")
+    assert len(two_k) == 2 and "headline study" in two_k[0] and "(this recipe: 2,000" in two_k[0]

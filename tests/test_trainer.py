@@ -192,3 +192,61 @@ def test_nan_image_skips_the_step_and_stops_training():
     assert len(h.history["loss"]) == 1  # stopped in the first epoch
     assert any(not np.allclose(a, b) for a, b in zip(before, after_good))
 
+
+
+# --------------------------------------------------------------------------
+# One trace per step function
+# --------------------------------------------------------------------------
+class _CountingDKS(DKSModel):
+    """Counts Python executions of the steps (= tf.function traces)."""
+
+    traces = None
+
+    def train_step(self, data):
+        self.traces["train"] += 1
+        return super().train_step(data)
+
+    def test_step(self, data):
+        self.traces["test"] += 1
+        return super().test_step(data)
+
+
+@pytest.mark.parametrize("source", ["arrays", "dataset", "onehot_dataset"])
+def test_fit_traces_each_step_function_once(source):
+    """The optimizer's and the metrics' variables exist before the first
+    trace: Keras alone creates them in it, and tf.function then traces the
+    step again. Metrics keep working (int and one-hot labels)."""
+    import tensorflow as tf
+
+    model = _CountingDKS(tiny_backbone(), num_classes=3, head="simple")
+    model.traces = {"train": 0, "test": 0}
+    extra = (keras.metrics.AUC(name="extra") if source == "onehot_dataset"
+             else keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="extra"))
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy", extra])
+    x, y = learnable_data(32)
+    if source == "arrays":
+        kwargs = dict(x=x, y=y, batch_size=8)
+    else:
+        labels = np.eye(3, dtype="float32")[y] if source == "onehot_dataset" else y
+        kwargs = dict(x=tf.data.Dataset.from_tensor_slices((x, labels)).batch(8))
+    h = model.fit(**kwargs, epochs=2, verbose=0)
+    assert model.traces["train"] == 1
+    assert int(model.optimizer.iterations) == 8
+    model.evaluate(**kwargs, verbose=0)
+    assert model.traces["test"] == 1
+    for key in ("accuracy", "aux_s2_accuracy", "extra", "aux_s2_extra"):
+        assert all(0.0 <= v <= 1.0 for v in h.history[key]), (key, h.history[key])
+
+
+def test_first_train_on_batch_metrics_count_only_its_batch():
+    """Metrics built before the first trace (from a dummy batch, then reset)
+    score exactly the first batch: each head's accuracy is NumPy's on the
+    (BN-free) network's predictions before the step."""
+    model = DKSModel(tiny_backbone(), num_classes=3, head="simple")
+    model.compile(optimizer=keras.optimizers.SGD(0.1), metrics=["accuracy"])
+    x, y = learnable_data(16)
+    before = [np.asarray(z) for z in model.predict(x, verbose=0)]
+    logs = model.train_on_batch(x, y, return_dict=True)
+    for name, z in zip(model.head_names, before):
+        key = "accuracy" if name == "main" else f"{name}_accuracy"
+        np.testing.assert_allclose(logs[key], np.mean(z.argmax(-1) == y), atol=1e-6)
