@@ -15,15 +15,24 @@ import numpy as np
 from keras_dks import losses as losses_lib
 
 
+def _array_labels(y):
+    """`y` as a NumPy array when it is array-like (NumPy, eager tensor), else
+    None (a dataset, a generator, no labels)."""
+    if y is not None and (isinstance(y, np.ndarray) or hasattr(y, "numpy")):
+        return np.asarray(y)
+    return None
+
+
 def _label_checked(name, evaluating=False):
     """`keras.Model.<name>` that first rejects bad array labels
     (`losses.check_labels`); `evaluating` hides the train-only logs."""
 
     @functools.wraps(getattr(keras.Model, name))
     def method(self, x=None, y=None, *args, **kwargs):
-        if y is not None and (isinstance(y, np.ndarray) or hasattr(y, "numpy")):
-            losses_lib.check_labels(np.asarray(y), self.num_classes)
-        self._build_step_state(x, y, optimizer=not evaluating)
+        labels = _array_labels(y)
+        if labels is not None:
+            losses_lib.check_labels(labels, self.num_classes)
+        self._build_step_state(x, y, labels, optimizer=not evaluating)
         self._evaluating = evaluating
         try:
             return getattr(super(DKSTrainerMixin, self), name)(x, y, *args, **kwargs)
@@ -141,7 +150,7 @@ class DKSTrainerMixin:
             }
         return results
 
-    def _build_step_state(self, x, y, optimizer=True):
+    def _build_step_state(self, x, y, labels, optimizer=True):
         """Create the optimizer's and the compiled metrics' variables before
         the first step is traced (TensorFlow, no distribution strategy).
 
@@ -165,9 +174,8 @@ class DKSTrainerMixin:
             spec = x.element_spec
             if isinstance(spec, tuple) and len(spec) >= 2 and isinstance(spec[1], tf.TensorSpec):
                 label = (tuple(spec[1].shape[1:]), spec[1].dtype.as_numpy_dtype)
-        elif y is not None and (isinstance(y, np.ndarray) or hasattr(y, "numpy")):
-            y = np.asarray(y)
-            label = (y.shape[1:], y.dtype)
+        elif labels is not None:
+            label = (labels.shape[1:], labels.dtype)
         if label is None or None in label[0]:
             return  # Keras builds them in the first trace
         heads = [np.zeros((1, self.num_classes), "float32") for _ in self.head_names]

@@ -395,20 +395,27 @@ def test_fashion_mnist_synthetic_idx(tmp_path):
     assert np.isfinite(history["distill_loss"][1])
 
 
-def _study_lines(*flags):
+def _study_lines(*flag_sets):
+    """`fashion_mnist.study_lines()` under each list of flags, one process."""
     code = textwrap.dedent(
         """
-        import sys
+        import json, sys
         sys.path.insert(0, sys.argv[1])
         import fashion_mnist
-        fashion_mnist.FLAGS(["fashion_mnist.py"] + sys.argv[2:])
-        print("\\n".join(fashion_mnist.study_lines()))
+        out = []
+        for flags in json.loads(sys.argv[2]):
+            fashion_mnist.FLAGS.unparse_flags()
+            fashion_mnist.FLAGS(["fashion_mnist.py"] + flags)
+            out.append(fashion_mnist.study_lines())
+        print("LINES " + json.dumps(out))
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code, EXAMPLES, *flags], capture_output=True,
-                          text=True, timeout=120, env=_env(), cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", code, EXAMPLES, json.dumps(flag_sets)],
+                          capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout.strip().splitlines()
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("LINES ")]
+    assert len(lines) == 1, proc.stdout[-3000:]
+    return json.loads(lines[0][len("LINES "):])
 
 
 def _paired_text(paired):
@@ -426,7 +433,7 @@ def test_fashion_mnist_prints_the_committed_result_of_its_recipe():
         headline = json.load(f)
     with open(os.path.join(results, "size_sweep", "summary.json")) as f:
         sweep = json.load(f)
-    default = _study_lines()
+    default, two_k = _study_lines([], ["--train_examples", "2000"])
     point = sweep["points"]["1000"]
     assert point["config"]["train_examples"] == 1000 and point["config"]["epochs"] == 24
     assert len(default) == 3, default
@@ -437,5 +444,4 @@ def test_fashion_mnist_prints_the_committed_result_of_its_recipe():
     assert "(another recipe than this run: 2,000 images" in default[1]
     assert default[1].endswith(_paired_text(headline["paired"]["dks_vs_baseline"]))
     assert default[2].startswith("One seed cannot show this")
-    two_k = _study_lines("--train_examples", "2000")
     assert len(two_k) == 2 and "headline study" in two_k[0] and "(this recipe: 2,000" in two_k[0]
