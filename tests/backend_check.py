@@ -155,21 +155,29 @@ def run_dhm(loss_only=False):
         return out
 
     # Per-step draws: the loss a compiled step logs (lr 0) is the loss of
-    # the draws of its step counter, computed eagerly.
-    model = dhm_model("step")
-    set_weights_by_path(model)
-    model.compile(optimizer=keras.optimizers.SGD(0.0))
-    steps = range(4)
-    logged = [float(model.train_on_batch(x, y, return_dict=True)["loss"])
-              for _ in steps]
-    eager, draws = [], []
-    for s in steps:
-        model.optimizer.iterations.assign(s)
-        t = model.compute_dks_loss(y, model(x, training=True), training=True)
-        eager.append(float(_np(t["loss"])))
-        draws.append([_np(model.draw_branch_mask(s)).tolist(),
-                      int(_np(model.root_selectors[0].draw(s)))])
-    out.update(step_logged=logged, step_eager=eager, step_draws=draws)
+    # the draws of its step counter, computed eagerly; also when the counter
+    # is a LossScaleOptimizer's inner optimizer's (mixed-float16 training).
+    for key, optimizer in (
+        ("step", lambda: keras.optimizers.SGD(0.0)),
+        ("loss_scale_step",
+         lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.0))),
+    ):
+        model = dhm_model("step")
+        set_weights_by_path(model)
+        model.compile(optimizer=optimizer())
+        steps = range(4)
+        logged = [float(model.train_on_batch(x, y, return_dict=True)["loss"])
+                  for _ in steps]
+        iterations = int(_np(model.optimizer.iterations))
+        eager, draws = [], []
+        for s in steps:
+            model.optimizer.iterations.assign(s)
+            t = model.compute_dks_loss(y, model(x, training=True), training=True)
+            eager.append(float(_np(t["loss"])))
+            draws.append([_np(model.draw_branch_mask(s)).tolist(),
+                          int(_np(model.root_selectors[0].draw(s)))])
+        out.update({f"{key}_logged": logged, f"{key}_eager": eager,
+                    f"{key}_draws": draws, f"{key}_iterations": iterations})
 
     # fit with per-epoch draws (RootResampler added by fit), save, reload.
     model = dhm_model("epoch")

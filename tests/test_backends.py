@@ -126,8 +126,12 @@ def test_dhm_model_on_backend(backend, backend_run, tf_reference):
     np.testing.assert_allclose(r["loss"], tf_reference["dhm"]["loss"], rtol=1e-4)
     # Compiled steps draw from their own step counter (a JAX step reading a
     # traced-in constant would repeat the first step's draw).
-    assert len({str(d) for d in r["step_draws"]}) > 1, r["step_draws"]
-    np.testing.assert_allclose(r["step_logged"], r["step_eager"], rtol=1e-5)
+    # Also with a LossScaleOptimizer, whose counter is its inner optimizer's.
+    for key in ("step", "loss_scale_step"):
+        assert r[f"{key}_iterations"] == 4, key
+        assert len({str(d) for d in r[f"{key}_draws"]}) > 1, r[f"{key}_draws"]
+        np.testing.assert_allclose(r[f"{key}_logged"], r[f"{key}_eager"], rtol=1e-5,
+                                   err_msg=key)
     assert all(np.isfinite(v) for v in r["fit_logs"].values())
     assert {"aux_a1_ce_loss", "aux_a2_a3_accuracy"} <= set(r["fit_logs"])
     assert r["reload_class"] == "DHMModel" and r["reload_matches"]
