@@ -41,6 +41,6 @@ data:
 demo: install-demo data
 	$(PYTHON) examples/fashion_mnist.py
 
-# Two pytest workers (pytest-xdist): the suite took 519 s on 2 cores (CI, fresh clone).
+# Two pytest workers (pytest-xdist): 8-10 min of tests on 2 cores (see README).
 test: install data
 	$(PYTHON) -m pytest -q -n 2 tests
