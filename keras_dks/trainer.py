@@ -163,10 +163,13 @@ class DKSTrainerMixin:
             return
         import tensorflow as tf
 
-        if tf.distribute.has_strategy() or self.distribute_strategy is not tf.distribute.get_strategy():
+        if tf.distribute.has_strategy():
             return
-        if optimizer and getattr(self, "optimizer", None) is not None and not self.optimizer.built:
-            self.optimizer.build(self.trainable_variables)
+        if self.distribute_strategy is not tf.distribute.get_strategy():
+            return  # compiled under a strategy, called outside its scope
+        opt = getattr(self, "optimizer", None)
+        if optimizer and opt is not None and not opt.built:
+            opt.build(self.trainable_variables)
         if all(getattr(m, "built", True) for m in self.metrics):
             return
         label = None  # (shape without the batch axis, dtype) of the labels

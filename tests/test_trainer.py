@@ -193,7 +193,6 @@ def test_nan_image_skips_the_step_and_stops_training():
     assert any(not np.allclose(a, b) for a, b in zip(before, after_good))
 
 
-
 # --------------------------------------------------------------------------
 # One trace per step function
 # --------------------------------------------------------------------------
