@@ -100,15 +100,18 @@ class TrainErrorOfFixedModel(keras.callbacks.Callback):
                 logs["clean_train_" + key] = value
 
 
-def run(method, seed):
+def run(method, seed, model_kwargs=None):
+    """One (method, seed) run into `--out_dir`; `model_kwargs` (e.g. a head
+    design, recorded in the config) go to the model's constructor."""
+    model_kwargs = dict(model_kwargs or {})
     path = os.path.join(FLAGS.out_dir, "runs", f"{method}_seed{seed}.json")
     if os.path.exists(path):
         with open(path) as f:
-            stored = json.load(f).get("config")
-        if stored != run_config():
+            stored = stored_config(json.load(f))
+        if stored != run_config(model_kwargs):
             raise app.UsageError(
                 f"{path} was run with config {stored}, not this command's "
-                f"{run_config()}: use another --out_dir for this configuration."
+                f"{run_config(model_kwargs)}: use another --out_dir for this configuration."
             )
         print(f"{method} seed {seed}: done already ({path})")
         return
@@ -144,7 +147,8 @@ def run(method, seed):
         heads, params = ["main"], int(model.count_params())
     else:
         model = recipes.build_model(
-            method, backbone_fn(), weight_decay=FLAGS.weight_decay, seed=seed
+            method, backbone_fn(), weight_decay=FLAGS.weight_decay, seed=seed,
+            **model_kwargs,
         )
         model.compile(optimizer=optimizer(), metrics=["accuracy"])
         result = recipes.train(model, train_ds, test_ds, tensorboard=False, **common_args)
@@ -153,7 +157,7 @@ def run(method, seed):
     common.write_json(path, {
         "method": method,
         "seed": seed,
-        "config": run_config(),
+        "config": run_config(model_kwargs),
         "command": common.command_line(),
         "environment": common.environment(),
         "heads": heads,
@@ -166,12 +170,36 @@ def run(method, seed):
     })
 
 
+# Every flag that can change a result; `threads` changes the rounding of
+# reductions (and so, over many steps, the trajectory).
 CONFIG_FLAGS = ("depth", "width", "epochs", "train_examples", "batch_size", "lr",
-                "weight_decay", "eval_every", "augment")
+                "weight_decay", "eval_every", "augment", "threads")
 
 
-def run_config():
-    return {k: FLAGS[k].value for k in CONFIG_FLAGS}
+def run_config(model_kwargs=None):
+    """The configuration recorded with a run: `CONFIG_FLAGS` and, when given,
+    the extra model constructor arguments (`model_kwargs`)."""
+    config = {k: FLAGS[k].value for k in CONFIG_FLAGS}
+    if model_kwargs:
+        config["model_kwargs"] = dict(model_kwargs)
+    return config
+
+
+def stored_config(record):
+    """A stored run's configuration. Runs recorded before `threads` joined
+    the configuration get it from their recorded command line (the flag's
+    value there, else its default 0)."""
+    config = dict(record.get("config") or {})
+    if "threads" not in config:
+        words = record.get("command", "").split()
+        value = 0
+        for k, word in enumerate(words):
+            if word == "--threads" and k + 1 < len(words):
+                value = int(words[k + 1])
+            elif word.startswith("--threads="):
+                value = int(word.split("=", 1)[1])
+        config["threads"] = value
+    return config
 
 
 def paired_comparison(errors_a, errors_b):
@@ -222,6 +250,8 @@ def load_runs(out_dir):
         if name.endswith(".json"):
             with open(os.path.join(runs_dir, name)) as f:
                 runs.append(json.load(f))
+    for r in runs:
+        r["config"] = stored_config(r)
     configs = {json.dumps(r.get("config"), sort_keys=True) for r in runs}
     if len(configs) > 1:
         raise ValueError(
@@ -361,11 +391,15 @@ def plot(by_method, summary, order):
     fig.savefig(os.path.join(FLAGS.out_dir, "final_error.png"), dpi=110)
 
 
-def main(argv):
-    del argv
+def set_threads():
     if FLAGS.threads:  # e.g. 1: leave the other cores to other work
         tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
         tf.config.threading.set_inter_op_parallelism_threads(FLAGS.threads)
+
+
+def main(argv):
+    del argv
+    set_threads()
     if not FLAGS.summary_only:
         for seed in FLAGS.seeds:
             for method in FLAGS.methods:

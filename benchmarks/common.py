@@ -34,7 +34,8 @@ def environment():
         dirty = bool(subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no", "--", "keras_dks", ":(glob)benchmarks/*.py"],
             capture_output=True, text=True, check=False,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
+            # Pathspecs are relative to the working directory: run at the root.
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
         ).stdout.strip())
     except OSError:
         commit, dirty = "", None
