@@ -21,9 +21,15 @@ DS − baseline, DKS − DS the paired mean gain, its 95 % CI and the one-sided
 paired t-test p-value; `curves.png`, `final_error.png`) is rebuilt from the
 finished runs, also with `--summary_only`.
 
+Every run records its configuration (`CONFIG_FLAGS`, `--threads` included:
+the thread count changes float rounding) and a folder never mixes
+configurations, except that `--allow_mixed_threads` summarises runs that
+differ only in `--threads` and says so in the summary (the headline study's
+seeds 0-2 ran with TensorFlow's default threads, 3-7 with `--threads 1`).
+
 Usage (the committed studies come from exactly this script):
     bash benchmarks/run_studies.sh            # headline (8 seeds) and size sweep
-    python benchmarks/accuracy.py             # = the headline study's command
+    python benchmarks/accuracy.py --summary_only --allow_mixed_threads   # headline summary
 """
 
 import json
@@ -61,6 +67,10 @@ flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX folder (default: Debian
 flags.DEFINE_string("out_dir", "benchmarks/results/accuracy", "Where results go.")
 flags.DEFINE_bool("summary_only", False, "Only rebuild the summary from finished runs.")
 flags.DEFINE_integer("threads", 0, "TF intra-op threads (0: TensorFlow's default).")
+flags.DEFINE_bool(
+    "allow_mixed_threads", False,
+    "Summarise runs that differ only in --threads (recorded in the summary and shown in "
+    "summary.md); any other difference is still refused.")
 
 
 def datasets(seed, with_index=False):
@@ -113,8 +123,12 @@ def run(method, seed, model_kwargs=None):
                 f"{path} was run with config {stored}, not this command's "
                 f"{run_config(model_kwargs)}: use another --out_dir for this configuration."
             )
-        print(f"{method} seed {seed}: done already ({path})")
+        print(f"{label(method, seed, model_kwargs)}: done already ({path})")
         return
+    load_start = common.load_average()
+    # Keras' own per-epoch lines (fit verbose=2) follow this header.
+    print(f"== {label(method, seed, model_kwargs)}: {FLAGS.epochs} epochs, "
+          f"{FLAGS.train_examples} images -> {path}", flush=True)
     keras.utils.set_random_seed(seed)
     srdl = method == "srdl"
     train_ds, test_ds, clean_train_ds, indexed_ds, n_train = datasets(seed, with_index=srdl)
@@ -154,12 +168,14 @@ def run(method, seed, model_kwargs=None):
         result = recipes.train(model, train_ds, test_ds, tensorboard=False, **common_args)
         heads, params = model.head_names, int(model.count_params())
         model = model.inference_model()
+    env = common.environment()
+    env["load_average_1min_start"] = load_start  # of this session
     common.write_json(path, {
         "method": method,
         "seed": seed,
         "config": run_config(model_kwargs),
         "command": common.command_line(),
-        "environment": common.environment(),
+        "environment": env,
         "heads": heads,
         "test_error": result["head_errors"],
         "history": result["history"],
@@ -168,6 +184,14 @@ def run(method, seed, model_kwargs=None):
         "params_training": params,
         "params_inference": int(model.count_params()),
     })
+    print(f"== {label(method, seed, model_kwargs)}: main-head test error "
+          f"{100 * result['head_errors']['main']:.2f} %, {result['wall_seconds']:.0f} s", flush=True)
+
+
+def label(method, seed, model_kwargs=None):
+    """How progress lines name a run, e.g. `dks seed 3 (head_width=0.5)`."""
+    extra = ", ".join(f"{k}={v}" for k, v in sorted((model_kwargs or {}).items()))
+    return f"{method} seed {seed}" + (f" ({extra})" if extra else "")
 
 
 # Every flag that can change a result; `threads` changes the rounding of
@@ -242,23 +266,55 @@ def paired_comparison(errors_a, errors_b):
 COMPARISONS = (("baseline", "dks"), ("baseline", "ds"), ("ds", "dks"))
 
 
-def load_runs(out_dir):
-    """The finished runs of one results folder, refusing mixed configurations."""
+def load_runs(out_dir, allow_mixed_threads=False):
+    """The finished runs of one results folder, refusing mixed configurations.
+
+    Each run gets `file` (its path) and `config` (`stored_config`). With
+    `allow_mixed_threads`, runs may differ in `threads` (and nothing else).
+    """
     runs_dir = os.path.join(out_dir, "runs")
     runs = []
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
         if name.endswith(".json"):
             with open(os.path.join(runs_dir, name)) as f:
                 runs.append(json.load(f))
+            runs[-1]["file"] = os.path.join(runs_dir, name)
     for r in runs:
         r["config"] = stored_config(r)
-    configs = {json.dumps(r.get("config"), sort_keys=True) for r in runs}
+
+    def key(r, ignore=()):
+        return json.dumps({k: v for k, v in r["config"].items() if k not in ignore},
+                          sort_keys=True)
+
+    configs = {key(r) for r in runs}
     if len(configs) > 1:
-        raise ValueError(
-            f"{runs_dir} holds runs of different configurations {sorted(configs)}: "
-            "use one --out_dir per configuration."
-        )
+        if not (allow_mixed_threads and len({key(r, ("threads",)) for r in runs}) == 1):
+            raise ValueError(
+                f"{runs_dir} holds runs of different configurations {sorted(configs)}: "
+                "use one --out_dir per configuration"
+                + (" (runs that differ only in threads: --allow_mixed_threads states the "
+                   "mix in the summary)." if len({key(r, ("threads",)) for r in runs}) == 1
+                   else ".")
+            )
     return runs
+
+
+def threads_of(runs):
+    """`{threads: [run file names]}` of loaded runs."""
+    out = {}
+    for r in runs:
+        out.setdefault(str(r["config"]["threads"]), []).append(os.path.basename(r["file"]))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def common_config(runs):
+    """The runs' shared config; `threads` becomes the sorted list of its
+    values when the runs mix them (see `load_runs`)."""
+    config = dict(runs[0]["config"])
+    values = sorted({r["config"]["threads"] for r in runs})
+    if len(values) > 1:
+        config["threads"] = values
+    return config
 
 
 def summarise_runs(runs):
@@ -298,23 +354,24 @@ def format_comparison(name, c):
 
 def summarise():
     try:
-        runs = load_runs(FLAGS.out_dir)
+        runs = load_runs(FLAGS.out_dir, FLAGS.allow_mixed_threads)
     except ValueError as e:
         raise app.UsageError(str(e))
     if not runs:
         print("No finished runs yet.")
         return
     by_method, summary, comparisons = summarise_runs(runs)
-    # Config and machine of the runs themselves (not of this call); every
-    # distinct command and commit that produced a run.
-    config, env = runs[0]["config"], runs[0]["environment"]
-    run_commands = sorted({r["command"] for r in runs})
-    commits = sorted({r["environment"].get("git_commit", "") for r in runs})
+    # The summary's own command and environment (the commit of the code that
+    # wrote it); the runs' commands, commits and machines separately.
+    config, env = common_config(runs), common.environment()
+    provenance = common.run_provenance(runs)
+    run_commands, commits = provenance["run_commands"], provenance["run_commits"]
+    mixed = threads_of(runs) if isinstance(config["threads"], list) else None
     common.write_json(
         os.path.join(FLAGS.out_dir, "summary.json"),
-        {"command": common.command_line(), "run_commands": run_commands,
-         "run_commits": commits, "config": config, "environment": env,
-         "summary": summary, "paired": comparisons},
+        {"command": common.command_line(), "config": config, "environment": env,
+         "allow_mixed_threads": FLAGS.allow_mixed_threads, "mixed_threads": mixed,
+         **provenance, "summary": summary, "paired": comparisons},
     )
     order = [m for m in ("baseline", "ds", "dks", "dhm", "srdl") if m in summary]
     lines = [
@@ -326,9 +383,30 @@ def summarise():
         + ("pad-4 crop + flip." if config.get("augment", True) else "no augmentation."),
         "",
         "Runs: " + "; ".join(f"`{c}`" for c in run_commands) + "  ",
-        f"Commits: {', '.join(commits)}  ",
-        f"Machine: {env['cpu']} ({env['cpu_count']} cores), TensorFlow {env['tensorflow']}, Keras {env['keras']}",
+        f"Run commits: {', '.join(commits)}; summary: `{common.command_line()}` at "
+        f"{env['git_commit']}  ",
+        "Machine of the runs: " + "; ".join(provenance["run_machines"]),
         "",
+    ]
+    if mixed:
+        lines += [
+            "**Mixed thread settings** (`--allow_mixed_threads`): "
+            + "; ".join(f"{'TensorFlow default threads' if t == '0' else f'`--threads {t}`'}: "
+                        f"{len(files)} runs ({', '.join(f.replace('.json', '') for f in files)})"
+                        for t, files in mixed.items())
+            + ". Thread count changes float rounding, so these seeds are not all of one "
+            "configuration; `bash benchmarks/run_studies.sh headline_threads1` re-runs the "
+            "odd ones.",
+            "",
+        ]
+    if provenance["runs_git_dirty_unverified"]:
+        lines += [
+            f"{len(provenance['runs_git_dirty_unverified'])} of {len(runs)} runs were recorded "
+            f"before commit {common.GIT_DIRTY_FIXED_AT}, whose `git_dirty` check could not see "
+            "changes: their `git_dirty: false` proves nothing about a clean tree.",
+            "",
+        ]
+    lines += [
         "| method | seeds | main head | auxiliary heads |",
         "|---|---|---|---|",
     ]

@@ -10,6 +10,49 @@ import time
 import numpy as np
 import tensorflow as tf
 
+# `git_dirty` has been computed from the repository root since this commit.
+# Before it the pathspecs were read relative to benchmarks/, so the flag was
+# always false: records of older commits carry no evidence of a clean tree.
+GIT_DIRTY_FIXED_AT = "5adc4f5"
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args):
+    return subprocess.run(["git", *args], capture_output=True, text=True,
+                          check=False, cwd=REPO_ROOT)
+
+
+def is_ancestor(older, newer):
+    """True when commit `older` is `newer` or in its history (git needed)."""
+    return _git("merge-base", "--is-ancestor", older, newer).returncode == 0
+
+
+def load_average():
+    """1-minute load average (None where the OS has none): above the core
+    count, other processes shared the CPU with the measurement."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def run_provenance(runs):
+    """What a summary records about the runs it reads (each a loaded run
+    JSON with a `file` key added): every distinct command and commit, the
+    machines, and the runs whose `git_dirty` proves nothing (made before
+    `GIT_DIRTY_FIXED_AT`)."""
+    commits = sorted({r["environment"].get("git_commit", "") for r in runs})
+    unverified = sorted(
+        r["file"] for r in runs
+        if not is_ancestor(GIT_DIRTY_FIXED_AT, r["environment"].get("git_commit", ""))
+    )
+    return {
+        "run_commands": sorted({r["command"] for r in runs}),
+        "run_commits": commits,
+        "run_machines": sorted({
+            f"{r['environment']['cpu']} ({r['environment']['cpu_count']} cores), "
+            f"TensorFlow {r['environment']['tensorflow']}, Keras {r['environment']['keras']}"
+            for r in runs}),
+        "runs_git_dirty_unverified": unverified,
+    }
+
 
 def environment():
     """Versions and machine, stored beside every result."""
@@ -52,7 +95,7 @@ def environment():
         "platform": platform.platform(),
         # 1-minute load average when the record was made: above the core
         # count, other processes shared the CPU with the measurement.
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1min": load_average(),
     }
 
 

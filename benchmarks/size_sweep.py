@@ -14,8 +14,10 @@ see `benchmarks/run_studies.sh`), and writes to `--out_dir`:
 The runs themselves are made by `bash benchmarks/run_studies.sh` (the
 2,000-image point is the headline study's folder). This script only reads.
 
-Usage (the committed summary comes from exactly this command):
-    python benchmarks/size_sweep.py
+Usage (the committed summary comes from exactly this command; the 2,000-image
+point mixes thread settings, see `benchmarks/results/accuracy/summary.md`, and
+without `--allow_mixed_threads` the sweep refuses it):
+    python benchmarks/size_sweep.py --allow_mixed_threads
 """
 
 import os
@@ -57,7 +59,7 @@ def sweep(folders):
     """`{size: folder}` -> per-size statistics (see the module docstring)."""
     points = {}
     for size, folder in sorted(folders.items()):
-        runs = accuracy.load_runs(folder)
+        runs = accuracy.load_runs(folder, FLAGS.allow_mixed_threads)
         if not runs:
             continue
         if runs[0]["config"]["train_examples"] != size:
@@ -90,23 +92,30 @@ def sweep(folders):
             # disturbed, so the ratio is taken between those.
             cost = {"fastest_runs": float(max(base.values()) / max(dks.values())),
                     "n_baseline": len(base), "n_dks": len(dks)}
-        points[size] = {"folder": folder, "config": runs[0]["config"], "methods": methods,
+        config = accuracy.common_config(runs)
+        points[size] = {"folder": folder, "config": config, "methods": methods,
                         "paired": paired, "dks_over_baseline_time_per_image": cost,
-                        "run_commits": sorted({r["environment"]["git_commit"] for r in runs})}
+                        "mixed_threads": (accuracy.threads_of(runs)
+                                          if isinstance(config["threads"], list) else None),
+                        **common.run_provenance(runs)}
     return points
 
 
 def write(points, out_dir):
+    commits = sorted({c for p in points.values() for c in p["run_commits"]})
+    env = common.environment()
     common.write_json(os.path.join(out_dir, "summary.json"),
-                      {"command": common.command_line(), "environment": common.environment(),
-                       "config": {"folders": {str(k): v["folder"] for k, v in points.items()}},
+                      {"command": common.command_line(), "environment": env,
+                       "config": {"folders": {str(k): v["folder"] for k, v in points.items()},
+                                  "allow_mixed_threads": FLAGS.allow_mixed_threads},
+                       "run_commits": commits,
                        "points": {str(k): v for k, v in points.items()}})
     lines = [
         "# DKS vs training-set size (Fashion-MNIST, WRN-16-1, main-head test error %)",
         "",
         "Same recipe at every size (24 epochs, batch 64, SGD 0.1 x0.2 at 30/60/80 %, coupled "
-        "L2 5e-4, no augmentation, full 10k test set); runs from `bash benchmarks/run_studies.sh`, "
-        f"summary from `{common.command_line()}`.",
+        "L2 5e-4, no augmentation, full 10k test set); runs from `bash benchmarks/run_studies.sh` "
+        f"at commits {', '.join(commits)}, summary from `{common.command_line()}` at {env['git_commit']}.",
         "",
         "| train images | baseline | DS | DKS | DKS gain (paired) | 95 % CI | p (one-sided) | "
         "DS gain | p | DKS / baseline time per image |",
@@ -132,6 +141,16 @@ def write(points, out_dir):
         cost = f"{c['fastest_runs']:.2f}" if c else "-"
         lines.append(f"| {size} | {err(p, 'baseline')} | {err(p, 'ds')} | {err(p, 'dks')} | "
                      f"{' | '.join(dks)} | {ds[0]} | {ds[2]} | {cost} |")
+    for size, p in points.items():
+        if p["mixed_threads"]:
+            lines += ["", f"**{size} images mixes thread settings** (`--allow_mixed_threads`): "
+                      + "; ".join(f"{'TensorFlow default' if t == '0' else t} threads: {len(f)} runs"
+                                  for t, f in p["mixed_threads"].items())
+                      + f" (see `{p['folder']}/summary.md`)."]
+    unverified = sum(len(p["runs_git_dirty_unverified"]) for p in points.values())
+    if unverified:
+        lines += ["", f"{unverified} runs were recorded before commit {common.GIT_DIRTY_FIXED_AT}: "
+                  "their `git_dirty: false` proves nothing (the check could not see changes)."]
     lines += ["", "Gain = baseline error − method error (points), paired by seed; cost = baseline / DKS "
               "training throughput of each method's fastest run, once each has 3 runs (the runs shared the machine and "
               "were paused at times, which only slows a run; the interleaved measurement of "
