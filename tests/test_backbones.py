@@ -173,6 +173,8 @@ def test_imagenet_resnets_match_torchvision_parameter_counts(imagenet_dks_models
                  101: 44_549_160, 152: 60_192_808}
     for depth, count in published.items():
         assert _torch_resnet_params(depth) == count
+    from keras_dks.backbones import resnet
+    assert {d: s.params for d, s in resnet.IMAGENET_RESNETS.items()} == published
     assert trainable_params(imagenet_dks_models[18].backbone) == 11_689_512
     assert trainable_params(backbones.resnet34()) == 21_797_672
     # The v1.5 bottleneck ResNet-50 of torchvision (stride on the 3x3 conv,
@@ -207,8 +209,8 @@ def test_imagenet_dks_training_networks_match_the_dhm_code(imagenet_dks_models):
     # The table for the depths not built here, as in the DHM code's
     # resnet101 / resnet152 constructors.
     from keras_dks.backbones import resnet
-    assert resnet.DHM_HEAD_BLOCKS[101] == [[12, 2], [3]]
-    assert resnet.DHM_HEAD_BLOCKS[152] == [[18, 2], [3]]
+    assert resnet.IMAGENET_RESNETS[101].head_blocks == [[12, 2], [3]]
+    assert resnet.IMAGENET_RESNETS[152].head_blocks == [[18, 2], [3]]
 
 
 # ---------------------------------------------------------------------------
@@ -600,8 +602,9 @@ def test_save_and_load_keras_file(tmp_path):
         (lambda: backbones.wide_resnet(28.0, 10, 100), r"integer 6n \+ 4"),
         (lambda: backbones.wide_resnet(16, 0, 10), "width must be positive"),
         (lambda: backbones.wide_resnet(16, 1, 10, dropout=1.0), r"dropout must be in \[0, 1\)"),
-        (lambda: backbones.wide_resnet(16, 1, 0), "num_classes must be a positive integer"),
-        (lambda: backbones.wide_resnet(16, 1, None), "num_classes must be a positive integer"),
+        (lambda: backbones.wide_resnet(16, 1, 1), "num_classes must be >= 2"),
+        (lambda: backbones.wide_resnet(16, 1, 2.5), "whole number of classes"),
+        (lambda: backbones.wide_resnet(16, 1, None), "num_classes is required when include_top=True"),
         (lambda: backbones.wide_resnet(16, 1, 10, input_shape=(32, 32)), r"\(height, width, channels\)"),
         (lambda: backbones.resnet_cifar(33, 100), r"6n \+ 2 .*depth=33"),
         (lambda: backbones.resnet_cifar(2, 100), r"6n \+ 2 with n >= 1"),

@@ -9,37 +9,47 @@ auxiliary branches (`dks_head_stages`) so `DKSModel` builds them from the
 backbone's own block (basic or bottleneck).
 """
 
+import collections
 import math
 
 import keras
 
 from keras_dks import blocks
 from keras_dks import heads
-from keras_dks.backbones.wrn import check_input_shape
-from keras_dks.backbones.wrn import check_num_classes
+from keras_dks.backbones.base import DKSBackbone
+from keras_dks.backbones.base import check_input_shape
+from keras_dks.backbones.base import check_num_classes
+from keras_dks.backbones.base import residual_stages
 from keras_dks.blocks import fresh_initializer
-from keras_dks.backbones.wrn import stage_end
 
-IMAGENET_STAGE_BLOCKS = {
-    18: (2, 2, 2, 2),
-    34: (3, 4, 6, 3),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
+ResNetSpec = collections.namedtuple(
+    "ResNetSpec", ["block_kind", "stage_blocks", "head_blocks", "params"]
+)
+ResNetSpec.__doc__ = """One ImageNet ResNet of the table `IMAGENET_RESNETS`.
+
+Args:
+    block_kind: `"basic"` or `"bottleneck"` (`keras_dks.blocks`).
+    stage_blocks: blocks of conv2_x .. conv5_x (He et al. 2016, Table 1).
+    head_blocks: `[[conv4_x-like, conv5_x-like] blocks of the head from
+        conv3_x, [double-width conv5_x-like] blocks of the head from
+        conv4_x]`, as `branch_layers` in the DHM code
+        (d-li14/DHM models/imagenet/resnet.py). Neither the DKS nor the DHM
+        paper gives them, so the released code is the reference.
+    params: trainable parameters for 1000 classes, as torchvision's model
+        zoo lists them (the tests recount them).
+"""
+
+# The five ImageNet ResNets: `ResNet(depth)` and `resnet18` .. `resnet152`.
+IMAGENET_RESNETS = {
+    18: ResNetSpec("basic", (2, 2, 2, 2), [[1, 2], [2]], 11_689_512),
+    34: ResNetSpec("basic", (3, 4, 6, 3), [[3, 2], [3]], 21_797_672),
+    50: ResNetSpec("bottleneck", (3, 4, 6, 3), [[3, 2], [3]], 25_557_032),
+    101: ResNetSpec("bottleneck", (3, 4, 23, 3), [[12, 2], [3]], 44_549_160),
+    152: ResNetSpec("bottleneck", (3, 8, 36, 3), [[18, 2], [3]], 60_192_808),
 }
-# Block counts of the two auxiliary branches in the DHM code
-# (d-li14/DHM models/imagenet/resnet.py, `branch_layers`):
-# [[conv4_x-like, conv5_x-like] of the head from conv3_x,
-#  [double-width conv5_x-like] of the head from conv4_x].
-# Neither the DKS nor the DHM paper gives them (both defer to supplementary
-# material), so the released code is the reference.
-DHM_HEAD_BLOCKS = {
-    18: [[1, 2], [2]],
-    34: [[3, 2], [3]],
-    50: [[3, 2], [3]],
-    101: [[12, 2], [3]],
-    152: [[18, 2], [3]],
-}
+# Block output widths of conv2_x .. conv5_x (a bottleneck's inner width is
+# a quarter of its output width).
+STAGE_WIDTHS = {"basic": (64, 128, 256, 512), "bottleneck": (256, 512, 1024, 2048)}
 HEAD_BLOCK_PRESETS = ("dhm", "copy")
 
 
@@ -118,44 +128,55 @@ def _check_head_blocks(head_blocks, model_name, presets=()):
     return [shallow, deep]
 
 
-class _DKSResNetMixin:
-    """`dks_*` members shared by the two post-activation ResNets."""
+class _PostActivationResNet(DKSBackbone):
+    """What `CifarResNet` and `ResNet` share: the graph builder, the
+    initialisation and the heads' block settings."""
 
-    @property
-    def dks_taps(self):
-        """Default auxiliary tap layers, deepest first."""
-        return [self._tap_names[1], self._tap_names[0]]
+    def _build(self, stem, stages, kind, num_classes, input_shape, include_top,
+               sync_batchnorm, name, **kwargs):
+        """Stem, `stages` of `kind` blocks (`base.residual_stages`), then
+        global average pooling and the classifier when `include_top`."""
+        config = _resnet_block_config(sync_batchnorm)
+        inputs = keras.Input(shape=input_shape, name="images")
+        x = residual_stages(stem(inputs, config), stages, kind, config)
+        if include_top:
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+            x = _torch_linear(x, num_classes)
+        super().__init__(inputs=inputs, outputs=x, name=name, **kwargs)
 
-    @property
-    def dks_block_kind(self):
-        """Block kind of the backbone, hence of its heads."""
-        return self._block_kind
+    def _declare_resnet_heads(self, taps, widths, head_blocks, kind):
+        """Heads from the shallow tap (stages of `widths[0]`, `widths[1]`)
+        and from the deep tap (one stage of `2 * widths[1]`), all stride 2."""
+        (b1, b2), (b3,) = head_blocks
+        shallow, deep = taps
+        self.declare_heads(
+            {
+                deep: [heads.HeadStage(2 * widths[1], b3, 2)],
+                shallow: [heads.HeadStage(widths[0], b1, 2),
+                          heads.HeadStage(widths[1], b2, 2)],
+            },
+            kind,
+        )
 
     def dks_block_config(self):
         """A new `blocks.BlockConfig` with the backbone's settings."""
         return _resnet_block_config(self.sync_batchnorm)
 
-    def dks_head_stages(self, tap_name):
-        """The auxiliary branch for `tap_name` (see the class docstring)."""
-        shallow, deep = self._tap_names
-        (b1, b2), (b3,) = self._head_blocks
-        w = self._widths  # widths of the stages after the shallow tap
-        if tap_name == shallow:
-            return [heads.HeadStage(w[0], b1, 2), heads.HeadStage(w[1], b2, 2)]
-        if tap_name == deep:
-            return [heads.HeadStage(2 * w[1], b3, 2)]
-        raise ValueError(
-            f"{self.__class__.__name__} defines auxiliary heads for the taps "
-            f"{self.dks_taps} only; got {tap_name!r}."
-        )
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+def _cifar_stem(inputs, config):
+    x = blocks.conv(inputs, 16, 3, 1, "stem_conv", config)
+    return blocks.bn_relu(x, "stem", config)
+
+
+def _imagenet_stem(inputs, config):
+    x = blocks.conv(inputs, 64, 7, 2, "stem_conv", config)
+    x = blocks.bn_relu(x, "stem", config)
+    x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
 
 
 @keras.saving.register_keras_serializable(package="keras_dks")
-class CifarResNet(_DKSResNetMixin, keras.Model):
+class CifarResNet(_PostActivationResNet):
     """CIFAR ResNet-`depth` (He et al. 2016, Sec. 4.2), depth = 6n + 2.
 
         conv3x3(16) - BN - ReLU                     "stem_*"
@@ -233,52 +254,26 @@ class CifarResNet(_DKSResNetMixin, keras.Model):
         input_shape = check_input_shape(input_shape)
         head_blocks = _check_head_blocks(head_blocks, "CifarResNet")
         n = (depth - 2) // 6
-        config = _resnet_block_config(sync_batchnorm)
-
-        inputs = keras.Input(shape=input_shape, name="images")
-        x = blocks.conv(inputs, 16, 3, 1, "stem_conv", config)
-        x = blocks.bn_relu(x, "stem", config)
-        for s, (filters, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
-            x = blocks.residual_stage(
-                x, filters, n, stride, "basic", f"stage{s}", config
-            )
-            x = stage_end(x, f"stage{s}")
-        if include_top:
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-            x = _torch_linear(x, num_classes)
-        super().__init__(
-            inputs=inputs,
-            outputs=x,
-            name=name or f"resnet{depth}_cifar",
-            **kwargs,
+        self._build(
+            _cifar_stem,
+            [(f"stage{s}", w, n, stride) for s, (w, stride) in
+             enumerate(zip((16, 32, 64), (1, 2, 2)))],
+            "basic", num_classes, input_shape, include_top, sync_batchnorm,
+            name or f"resnet{depth}_cifar", **kwargs,
         )
-
-        self.depth = depth
-        self.num_classes = num_classes
-        self.input_shape_ = input_shape
-        self.include_top = include_top
-        self.sync_batchnorm = sync_batchnorm
-        self.head_blocks = head_blocks
-        self._tap_names = ("stage0", "stage1")
-        self._widths = (32, 64)
-        self._block_kind = "basic"
-        self._head_blocks = head_blocks or [[n, max(n // 2, 1)], [n]]
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "depth": self.depth,
-            "num_classes": self.num_classes,
-            "input_shape": self.input_shape_,
-            "include_top": self.include_top,
-            "sync_batchnorm": self.sync_batchnorm,
-            "head_blocks": self.head_blocks,
-        }
+        self._declare_resnet_heads(
+            ("stage0", "stage1"), (32, 64),
+            head_blocks or [[n, max(n // 2, 1)], [n]], "basic",
+        )
+        self.declare_config(
+            depth=depth, num_classes=num_classes, input_shape=input_shape,
+            include_top=include_top, sync_batchnorm=sync_batchnorm,
+            head_blocks=head_blocks,
+        )
 
 
 @keras.saving.register_keras_serializable(package="keras_dks")
-class ResNet(_DKSResNetMixin, keras.Model):
+class ResNet(_PostActivationResNet):
     """ImageNet ResNet-18/34 (basic blocks) and ResNet-50/101/152
     (bottlenecks), torchvision's layout (He et al. 2016; "v1.5").
 
@@ -290,8 +285,8 @@ class ResNet(_DKSResNetMixin, keras.Model):
         global average pool -> Dense(num_classes)        (logits)
 
     w = 64 with basic blocks (18, 34), w = 256 block outputs (inner width
-    64) with bottlenecks (50, 101, 152). Blocks per stage: [2, 2, 2, 2] (18),
-    [3, 4, 6, 3] (34, 50), [3, 4, 23, 3] (101), [3, 8, 36, 3] (152).
+    64) with bottlenecks (50, 101, 152). Blocks per stage, block kinds and
+    head block counts: the table `IMAGENET_RESNETS`.
     Layer for layer torchvision's model: 1x1 conv + BN projection shortcuts
     where the shape changes, bias-free convs, the bottleneck's stride on its
     3x3 conv ("ResNet v1.5"; `keras.applications.ResNet50` is v1: stride on
@@ -314,8 +309,7 @@ class ResNet(_DKSResNetMixin, keras.Model):
     classes then has 53,483,512 trainable parameters, as the DHM code's.
     `head_blocks="copy"` gives the conv4_x-like stage as many blocks as the
     backbone's conv4_x and the deep head as many as conv5_x (ResNet-18:
-    [[2, 2], [2]], ResNet-50: [[6, 2], [3]]), the layout these models used
-    before following the released code.
+    [[2, 2], [2]], ResNet-50: [[6, 2], [3]]).
 
     Initialisation (torchvision and the DHM code): convs He-normal
     untruncated fan-out, BN gamma 1, beta 0 (epsilon 1e-5, Keras momentum
@@ -358,77 +352,42 @@ class ResNet(_DKSResNetMixin, keras.Model):
         name=None,
         **kwargs,
     ):
-        if depth not in IMAGENET_STAGE_BLOCKS or isinstance(depth, bool):
+        if depth not in IMAGENET_RESNETS or isinstance(depth, bool):
             raise ValueError(
                 f"ImageNet ResNet depth must be one of "
-                f"{sorted(IMAGENET_STAGE_BLOCKS)}; got depth={depth!r}."
+                f"{sorted(IMAGENET_RESNETS)}; got depth={depth!r}."
             )
         num_classes = check_num_classes(num_classes, include_top)
         input_shape = check_input_shape(input_shape)
         head_blocks = _check_head_blocks(head_blocks, "ResNet", HEAD_BLOCK_PRESETS)
-        stage_blocks = IMAGENET_STAGE_BLOCKS[depth]
-        kind = "basic" if depth < 50 else "bottleneck"
-        widths = (64, 128, 256, 512) if kind == "basic" else (256, 512, 1024, 2048)
-        config = _resnet_block_config(sync_batchnorm)
-
-        inputs = keras.Input(shape=input_shape, name="images")
-        x = blocks.conv(inputs, 64, 7, 2, "stem_conv", config)
-        x = blocks.bn_relu(x, "stem", config)
-        x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
-        x = keras.layers.MaxPooling2D(3, strides=2, name="stem_pool")(x)
-        for s, (filters, count, stride) in enumerate(
-            zip(widths, stage_blocks, (1, 2, 2, 2))
-        ):
-            x = blocks.residual_stage(
-                x, filters, count, stride, kind, f"conv{s + 2}_x", config
-            )
-            x = stage_end(x, f"conv{s + 2}_x")
-        if include_top:
-            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-            x = _torch_linear(x, num_classes)
-        super().__init__(
-            inputs=inputs, outputs=x, name=name or f"resnet{depth}", **kwargs
+        spec = IMAGENET_RESNETS[depth]
+        widths = STAGE_WIDTHS[spec.block_kind]
+        self._build(
+            _imagenet_stem,
+            [(f"conv{s + 2}_x", w, count, stride) for s, (w, count, stride) in
+             enumerate(zip(widths, spec.stage_blocks, (1, 2, 2, 2)))],
+            spec.block_kind, num_classes, input_shape, include_top,
+            sync_batchnorm, name or f"resnet{depth}", **kwargs,
+        )
+        if head_blocks == "copy":
+            head_counts = [[spec.stage_blocks[2], 2], [spec.stage_blocks[3]]]
+        elif head_blocks in (None, "dhm"):
+            head_counts = spec.head_blocks
+        else:
+            head_counts = head_blocks
+        self._declare_resnet_heads(
+            ("conv3_x", "conv4_x"), widths[2:], head_counts, spec.block_kind
+        )
+        self.declare_config(
+            depth=depth, num_classes=num_classes, input_shape=input_shape,
+            include_top=include_top, sync_batchnorm=sync_batchnorm,
+            head_blocks=head_blocks,
         )
 
-        self.depth = depth
-        self.num_classes = num_classes
-        self.input_shape_ = input_shape
-        self.include_top = include_top
-        self.sync_batchnorm = sync_batchnorm
-        self.head_blocks = head_blocks
-        self._tap_names = ("conv3_x", "conv4_x")
-        self._widths = widths[2:]
-        self._block_kind = kind
-        if head_blocks is None or head_blocks == "dhm":
-            self._head_blocks = DHM_HEAD_BLOCKS[depth]
-        elif head_blocks == "copy":
-            self._head_blocks = [[stage_blocks[2], 2], [stage_blocks[3]]]
-        else:
-            self._head_blocks = head_blocks
 
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "depth": self.depth,
-            "num_classes": self.num_classes,
-            "input_shape": self.input_shape_,
-            "include_top": self.include_top,
-            "sync_batchnorm": self.sync_batchnorm,
-            "head_blocks": self.head_blocks,
-        }
-
-
-def resnet_cifar(
-    depth,
-    num_classes,
-    input_shape=(32, 32, 3),
-    include_top=True,
-    sync_batchnorm=False,
-    head_blocks=None,
-    name=None,
-):
-    """CIFAR ResNet-`depth` (6n + 2, e.g. 32 or 110); see `CifarResNet`.
+def resnet_cifar(depth, num_classes, **kwargs):
+    """CIFAR ResNet-`depth` (6n + 2, e.g. 32 or 110):
+    `CifarResNet(depth, num_classes, **kwargs)`.
 
     Example:
     ```python
@@ -437,94 +396,39 @@ def resnet_cifar(
     r110.dks_taps   # ['stage1', 'stage0']
     ```
     """
-    return CifarResNet(
-        depth=depth,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        include_top=include_top,
-        sync_batchnorm=sync_batchnorm,
-        head_blocks=head_blocks,
-        name=name,
-    )
+    return CifarResNet(depth, num_classes, **kwargs)
 
 
-def resnet18(
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    include_top=True,
-    sync_batchnorm=False,
-    head_blocks=None,
-    name=None,
-):
-    """ImageNet ResNet-18 (torchvision layout); see `ResNet`.
-
-    Basic blocks; 11,689,512 trainable parameters for 1000 classes.
-    Default heads (DHM code): [[1, 2], [2]] blocks; the whole training
-    network (`DKSModel`) has 53,483,512.
+def resnet18(num_classes=1000, **kwargs):
+    """ResNet-18 (basic blocks, 11,689,512 trainable parameters for 1000
+    classes): `ResNet(18, num_classes, **kwargs)`.
 
     Example:
     ```python
     from keras_dks import backbones
-    r18 = backbones.resnet18()
-    sum(int(v.numpy().size) for v in r18.trainable_weights)  # 11,689,512
+    r18 = backbones.resnet18(num_classes=10, input_shape=(64, 64, 3))
+    r18.dks_head_stages("conv3_x")  # [HeadStage(256, 1, 2), HeadStage(512, 2, 2)]
     ```
     """
-    return ResNet(
-        18,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        include_top=include_top,
-        sync_batchnorm=sync_batchnorm,
-        head_blocks=head_blocks,
-        name=name,
-    )
+    return ResNet(18, num_classes, **kwargs)
 
 
-def resnet34(
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    include_top=True,
-    sync_batchnorm=False,
-    head_blocks=None,
-    name=None,
-):
-    """ImageNet ResNet-34 (torchvision layout); see `ResNet`.
-
-    Basic blocks; 21,797,672 trainable parameters for 1000 classes.
-    Default heads (DHM code): [[3, 2], [3]] blocks.
+def resnet34(num_classes=1000, **kwargs):
+    """ResNet-34 (basic blocks, 21,797,672 trainable parameters for 1000
+    classes): `ResNet(34, num_classes, **kwargs)`.
 
     Example:
     ```python
     from keras_dks import backbones
     r34 = backbones.resnet34(num_classes=100, input_shape=(128, 128, 3))
-    r34.dks_head_stages("conv3_x")  # [HeadStage(256, 3, 2), HeadStage(512, 2, 2)]
     ```
     """
-    return ResNet(
-        34,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        include_top=include_top,
-        sync_batchnorm=sync_batchnorm,
-        head_blocks=head_blocks,
-        name=name,
-    )
+    return ResNet(34, num_classes, **kwargs)
 
 
-def resnet50(
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    include_top=True,
-    sync_batchnorm=False,
-    head_blocks=None,
-    name=None,
-):
-    """ImageNet ResNet-50 (torchvision layout); see `ResNet`.
-
-    Bottlenecks with the stride on the 3x3 conv (v1.5: torchvision's
-    model, which the DKS authors' released checkpoints use); 25,557,032
-    trainable parameters for 1000 classes. Default heads (DHM code):
-    [[3, 2], [3]] blocks.
+def resnet50(num_classes=1000, **kwargs):
+    """ResNet-50 (v1.5 bottlenecks, 25,557,032 trainable parameters for
+    1000 classes): `ResNet(50, num_classes, **kwargs)`.
 
     Example:
     ```python
@@ -533,29 +437,12 @@ def resnet50(
     r50.dks_head_stages("conv4_x")  # [HeadStage(4096, 3, 2)]
     ```
     """
-    return ResNet(
-        50,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        include_top=include_top,
-        sync_batchnorm=sync_batchnorm,
-        head_blocks=head_blocks,
-        name=name,
-    )
+    return ResNet(50, num_classes, **kwargs)
 
 
-def resnet101(
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    include_top=True,
-    sync_batchnorm=False,
-    head_blocks=None,
-    name=None,
-):
-    """ImageNet ResNet-101 (torchvision layout); see `ResNet`.
-
-    Bottlenecks (v1.5); 44,549,160 trainable parameters for 1000
-    classes. Default heads (DHM code): [[12, 2], [3]] blocks.
+def resnet101(num_classes=1000, **kwargs):
+    """ResNet-101 (v1.5 bottlenecks, 44,549,160 trainable parameters for
+    1000 classes): `ResNet(101, num_classes, **kwargs)`.
 
     Example:
     ```python
@@ -563,29 +450,12 @@ def resnet101(
     r101 = backbones.resnet101(num_classes=100)
     ```
     """
-    return ResNet(
-        101,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        include_top=include_top,
-        sync_batchnorm=sync_batchnorm,
-        head_blocks=head_blocks,
-        name=name,
-    )
+    return ResNet(101, num_classes, **kwargs)
 
 
-def resnet152(
-    num_classes=1000,
-    input_shape=(224, 224, 3),
-    include_top=True,
-    sync_batchnorm=False,
-    head_blocks=None,
-    name=None,
-):
-    """ImageNet ResNet-152 (torchvision layout); see `ResNet`.
-
-    Bottlenecks (v1.5); 60,192,808 trainable parameters for 1000
-    classes. Default heads (DHM code): [[18, 2], [3]] blocks.
+def resnet152(num_classes=1000, **kwargs):
+    """ResNet-152 (v1.5 bottlenecks, 60,192,808 trainable parameters for
+    1000 classes): `ResNet(152, num_classes, **kwargs)`.
 
     Example:
     ```python
@@ -593,12 +463,4 @@ def resnet152(
     r152 = backbones.resnet152(num_classes=100)
     ```
     """
-    return ResNet(
-        152,
-        num_classes=num_classes,
-        input_shape=input_shape,
-        include_top=include_top,
-        sync_batchnorm=sync_batchnorm,
-        head_blocks=head_blocks,
-        name=name,
-    )
+    return ResNet(152, num_classes, **kwargs)

@@ -10,39 +10,16 @@ attaches exactly the authors' heads.
 import keras
 
 from keras_dks import blocks
-from keras_dks.blocks import fresh_initializer
 from keras_dks import heads
-
-
-def check_num_classes(num_classes, include_top):
-    if not include_top:
-        return None if num_classes is None else int(num_classes)
-    if num_classes is None or int(num_classes) < 1 or int(num_classes) != num_classes:
-        raise ValueError(
-            f"num_classes must be a positive integer when include_top=True; "
-            f"got {num_classes!r}."
-        )
-    return int(num_classes)
-
-
-def check_input_shape(input_shape):
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            "input_shape must be (height, width, channels); got "
-            f"{input_shape!r}."
-        )
-    return input_shape
-
-
-def stage_end(x, name):
-    # A named, weightless layer at the end of every stage: the stable tap
-    # point `dks_taps` refers to, whatever the blocks' internal names are.
-    return keras.layers.Identity(name=name)(x)
+from keras_dks.backbones.base import DKSBackbone
+from keras_dks.backbones.base import check_input_shape
+from keras_dks.backbones.base import check_num_classes
+from keras_dks.backbones.base import residual_stages
+from keras_dks.blocks import fresh_initializer
 
 
 @keras.saving.register_keras_serializable(package="keras_dks")
-class WideResNet(keras.Model):
+class WideResNet(DKSBackbone):
     """Pre-activation Wide ResNet-`depth`-`width` (Zagoruyko & Komodakis).
 
     The backbone of the DKS authors' CIFAR code, layer for layer
@@ -123,7 +100,6 @@ class WideResNet(keras.Model):
         name=None,
         **kwargs,
     ):
-        # === Validation ===
         if (
             not isinstance(depth, int)
             or isinstance(depth, bool)
@@ -147,14 +123,15 @@ class WideResNet(keras.Model):
         widths = [int(v * width) for v in (16, 32, 64)]
         config = _wrn_block_config(sync_batchnorm, dropout)
 
-        # === Functional graph ===
         inputs = keras.Input(shape=input_shape, name="images")
         x = blocks.conv(inputs, 16, 3, 1, "conv0", config)
-        for g, (filters, stride) in enumerate(zip(widths, (1, 2, 2))):
-            x = blocks.residual_stage(
-                x, filters, n, stride, "preact_basic", f"group{g}", config
-            )
-            x = stage_end(x, f"group{g}")
+        x = residual_stages(
+            x,
+            [(f"group{g}", w, n, stride)
+             for g, (w, stride) in enumerate(zip(widths, (1, 2, 2)))],
+            "preact_basic",
+            config,
+        )
         x = blocks.bn_relu(x, "final", config)
         if include_top:
             x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
@@ -171,73 +148,27 @@ class WideResNet(keras.Model):
             name=name or f"wrn_{depth}_{_width_str(width)}",
             **kwargs,
         )
-
-        # === Config ===
-        self.depth = depth
-        self.width = width
-        self.num_classes = num_classes
-        self.dropout = dropout
-        self.input_shape_ = input_shape
-        self.include_top = include_top
-        self.sync_batchnorm = sync_batchnorm
-        self._n = n
-        self._widths = widths
-
-    # --- What DKSModel reads -------------------------------------------
-    @property
-    def dks_taps(self):
-        """Default auxiliary tap layers, deepest first (authors' code)."""
-        return ["group1", "group0"]
-
-    @property
-    def dks_block_kind(self):
-        """Block kind of the backbone, hence of its heads."""
-        return "preact_basic"
+        # The authors' heads: from group0 a copy of group1 (n blocks, 32k,
+        # stride 2) then a group2 of n // 2 blocks (64k, stride 2; at least
+        # one, where the authors' code would build an empty group for n = 1);
+        # from group1 a group2 of n blocks at double width (128k, stride 2).
+        self.declare_heads(
+            {
+                "group1": [heads.HeadStage(2 * widths[2], n, 2)],
+                "group0": [heads.HeadStage(widths[1], n, 2),
+                           heads.HeadStage(widths[2], max(n // 2, 1), 2)],
+            },
+            "preact_basic",
+        )
+        self.declare_config(
+            depth=depth, width=width, num_classes=num_classes, dropout=dropout,
+            input_shape=input_shape, include_top=include_top,
+            sync_batchnorm=sync_batchnorm,
+        )
 
     def dks_block_config(self):
         """A new `blocks.BlockConfig` with the backbone's settings."""
         return _wrn_block_config(self.sync_batchnorm, self.dropout)
-
-    def dks_head_stages(self, tap_name):
-        """The authors' auxiliary branch for `tap_name`, as `HeadStage`s.
-
-        - "group0": a copy of group1 (n blocks, 32k, stride 2), then a
-          group2 of n // 2 blocks (64k, stride 2); at least one block, where
-          the authors' code would build an empty group for n = 1.
-        - "group1": a group2 of n blocks at double width (128k, stride 2).
-
-        Args:
-            tap_name: "group0" or "group1".
-        """
-        n, (_, w1, w2) = self._n, self._widths
-        if tap_name == "group0":
-            return [
-                heads.HeadStage(w1, n, 2),
-                heads.HeadStage(w2, max(n // 2, 1), 2),
-            ]
-        if tap_name == "group1":
-            return [heads.HeadStage(2 * w2, n, 2)]
-        raise ValueError(
-            f"{self.__class__.__name__} defines auxiliary heads for the taps "
-            f"{self.dks_taps} only; got {tap_name!r}."
-        )
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "depth": self.depth,
-            "width": self.width,
-            "num_classes": self.num_classes,
-            "dropout": self.dropout,
-            "input_shape": self.input_shape_,
-            "include_top": self.include_top,
-            "sync_batchnorm": self.sync_batchnorm,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def _width_str(width):
@@ -260,17 +191,9 @@ def _wrn_block_config(sync_batchnorm, dropout):
     )
 
 
-def wide_resnet(
-    depth,
-    width,
-    num_classes,
-    dropout=0.0,
-    input_shape=(32, 32, 3),
-    include_top=True,
-    sync_batchnorm=False,
-    name=None,
-):
-    """WRN-`depth`-`width` of the DKS authors' code; see `WideResNet`.
+def wide_resnet(depth, width, num_classes, **kwargs):
+    """WRN-`depth`-`width` of the DKS authors' code:
+    `WideResNet(depth, width, num_classes, **kwargs)`.
 
     Example:
     ```python
@@ -279,13 +202,4 @@ def wide_resnet(
     wrn.count_params()  # 36,554,836: 36,536,884 trainable + BN statistics
     ```
     """
-    return WideResNet(
-        depth=depth,
-        width=width,
-        num_classes=num_classes,
-        dropout=dropout,
-        input_shape=input_shape,
-        include_top=include_top,
-        sync_batchnorm=sync_batchnorm,
-        name=name,
-    )
+    return WideResNet(depth, width, num_classes, **kwargs)

@@ -1,0 +1,157 @@
+"""`DKSBackbone`: the DKS head protocol, declared once for every backbone.
+
+`keras_dks.DKSModel` (through `keras_dks.adapt` and `keras_dks.taps`) reads
+four members from a backbone, when it has them:
+
+- `dks_taps`: the layers to attach the auxiliary heads to, deepest first.
+- `dks_head_stages(tap_name)`: the head for one of those taps, as a list of
+  `keras_dks.heads.HeadStage(filters, blocks, stride)`.
+- `dks_block_kind`: the `keras_dks.blocks` block kind the heads are made of.
+- `dks_block_config()`: a new `keras_dks.blocks.BlockConfig` (BN settings,
+  initialisers) for those blocks.
+
+Any functional `keras.Model` that defines them gets the same treatment;
+without them the heads are inferred from the graph. The backbones of this
+package subclass `DKSBackbone`, which implements the four from a table
+given once in the constructor (`declare_heads`).
+"""
+
+import keras
+
+from keras_dks import adapt
+from keras_dks import blocks
+
+
+class DKSBackbone(keras.Model):
+    """A functional backbone that says where and how DKS attaches its heads.
+
+    Subclasses build their graph, call `super().__init__(inputs=...,
+    outputs=..., name=...)`, then `declare_heads(...)` and
+    `declare_config(...)`. Config and deserialization follow keras-hub's
+    backbones: `get_config()` returns the constructor arguments,
+    `from_config` calls the constructor.
+
+    Example:
+    ```python
+    import keras
+    from keras_dks import blocks, heads
+    from keras_dks.backbones.base import DKSBackbone
+
+    class Tiny(DKSBackbone):
+        def __init__(self, num_classes=10, **kwargs):
+            config = blocks.BlockConfig()
+            inputs = keras.Input((32, 32, 3))
+            x = blocks.conv(inputs, 16, 3, 1, "stem", config)
+            x = blocks.residual_stage(x, 16, 1, 2, "basic", "s1", config)
+            x = blocks.residual_stage(x, 32, 1, 2, "basic", "s2", config)
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            super().__init__(inputs=inputs,
+                             outputs=keras.layers.Dense(num_classes)(x), **kwargs)
+            self.declare_heads(
+                {"s1_block0_out": [heads.HeadStage(32, 1, 2)]}, "basic")
+            self.declare_config(num_classes=num_classes)
+
+        def dks_block_config(self):
+            return blocks.BlockConfig()
+
+    Tiny().dks_head_stages("s1_block0_out")   # [HeadStage(32, 1, 2)]
+    ```
+    """
+
+    def declare_heads(self, head_stages, block_kind):
+        """Declare the auxiliary heads.
+
+        Args:
+            head_stages: dict `{tap layer name: [HeadStage, ...]}`, deepest
+                tap first (its order is `dks_taps`).
+            block_kind: one of `keras_dks.blocks.BLOCK_KINDS`.
+        """
+        if block_kind not in blocks.BLOCK_KINDS:
+            raise ValueError(
+                f"block_kind must be one of {list(blocks.BLOCK_KINDS)}; got "
+                f"{block_kind!r}."
+            )
+        self._dks_head_stages = {tap: list(s) for tap, s in head_stages.items()}
+        self._dks_block_kind = block_kind
+
+    def declare_config(self, **arguments):
+        """Record the constructor arguments `get_config` returns.
+
+        Each also becomes an attribute (`self.depth`, ...); one that
+        `keras.Model` already defines gets a trailing underscore
+        (`self.input_shape_`).
+        """
+        self._dks_arguments = dict(arguments)
+        for key, value in arguments.items():
+            taken = isinstance(getattr(type(self), key, None), property)
+            setattr(self, key + "_" if taken else key, value)
+
+    @property
+    def dks_taps(self):
+        """Tap layer names of the auxiliary heads, deepest first."""
+        return list(self._dks_head_stages)
+
+    @property
+    def dks_block_kind(self):
+        """Block kind of the backbone, hence of its heads."""
+        return self._dks_block_kind
+
+    def dks_block_config(self):
+        """A new `blocks.BlockConfig` with the backbone's settings."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must define dks_block_config()."
+        )
+
+    def dks_head_stages(self, tap_name):
+        """The auxiliary head for `tap_name`, as a list of `HeadStage`s."""
+        if tap_name not in self._dks_head_stages:
+            raise ValueError(
+                f"{type(self).__name__} defines auxiliary heads for the taps "
+                f"{self.dks_taps} only; got {tap_name!r}."
+            )
+        return list(self._dks_head_stages[tap_name])
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable, **self._dks_arguments}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def check_num_classes(num_classes, include_top):
+    """The classifier width: `keras_dks.adapt.check_num_classes` (an integer
+    >= 2), required when `include_top=True`, optional otherwise."""
+    if include_top and num_classes is None:
+        raise ValueError(
+            "num_classes is required when include_top=True (the width of the "
+            "classifier); pass include_top=False for a feature extractor."
+        )
+    return adapt.check_num_classes(num_classes)
+
+
+def check_input_shape(input_shape):
+    """`input_shape` as a `(height, width, channels)` tuple."""
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, channels); got {input_shape!r}."
+        )
+    return input_shape
+
+
+def residual_stages(x, stages, kind, config):
+    """Residual stages, each ending in a named, weightless layer.
+
+    Args:
+        x: input tensor.
+        stages: `(name, filters, blocks, stride)` per stage; the stage's
+            output is the `keras.layers.Identity` layer `name`, the stable
+            tap point `dks_taps` refers to, whatever the blocks' names are.
+        kind: `keras_dks.blocks` block kind.
+        config: `keras_dks.blocks.BlockConfig`.
+    """
+    for name, filters, count, stride in stages:
+        x = blocks.residual_stage(x, filters, count, stride, kind, name, config)
+        x = keras.layers.Identity(name=name)(x)
+    return x
