@@ -35,14 +35,15 @@ Args:
 
 
 def classifier(x, num_classes, name, config=None):
-    """Global average pooling + Dense, kept in float32 under mixed precision."""
+    """Global average pooling + Dense, kept in float32 under mixed precision
+    (float64 when `keras.config.floatx()` is float64)."""
     config = config or blocks.BlockConfig()
     x = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(x)
     return keras.layers.Dense(
         num_classes,
         kernel_initializer=blocks.fresh_initializer(config.dense_kernel_initializer),
         bias_initializer=blocks.fresh_initializer(config.dense_bias_initializer),
-        dtype="float32",
+        dtype="float64" if keras.config.floatx() == "float64" else "float32",
         name=name,
     )(x)
 

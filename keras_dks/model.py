@@ -258,10 +258,12 @@ class DKSModel(
         )
 
     def regularization_loss(self):
-        """Layer losses (`self.losses`) + coupled weight decay, float32."""
-        reg = ops.zeros((), "float32")
+        """Layer losses (`self.losses`) + coupled weight decay, float32
+        (float64 in a float64 model)."""
+        dtype = "float64" if self.compute_dtype == "float64" else "float32"
+        reg = ops.zeros((), dtype)
         for l in self.losses:
-            reg = reg + ops.cast(l, "float32")
+            reg = reg + ops.cast(l, dtype)
         if self.weight_decay:
             reg = reg + losses_lib.coupled_weight_decay(
                 self.trainable_variables, self.weight_decay
