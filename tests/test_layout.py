@@ -1,4 +1,4 @@
-"""The package's dependencies run one way (README, "Layout").
+"""The package's dependencies run one way (docs/api.md, "Layout").
 
 Checked on the source (imports at any depth, also inside functions), so a
 late import cannot sneak a cycle in.
@@ -30,7 +30,7 @@ def _layer(module):
     for k, layer in enumerate(LAYERS):
         if module in layer:
             return k
-    raise AssertionError(f"keras_dks.{module} is in no layer; add it to LAYERS and the README")
+    raise AssertionError(f"keras_dks.{module} is in no layer; add it to LAYERS and to docs/api.md")
 
 
 def _imports(path):
@@ -84,12 +84,13 @@ def test_every_library_module_has_its_test_module():
 
 
 def test_tests_named_in_the_docs_exist():
-    # docs/BAD_INPUTS.md and the README cite tests as `test_x.py::test_y`.
+    # The README and the docs/ pages cite tests as `test_x.py::test_y`.
     import re
 
     repo = os.path.dirname(ROOT)
     broken = []
-    for doc in ("README.md", os.path.join("docs", "BAD_INPUTS.md")):
+    docs = sorted(f for f in os.listdir(os.path.join(repo, "docs")) if f.endswith(".md"))
+    for doc in ["README.md"] + [os.path.join("docs", f) for f in docs]:
         text = open(os.path.join(repo, doc)).read()
         for module, name in set(re.findall(r"(test_\w+\.py)::(\w+)", text)):
             path = os.path.join(repo, "tests", module)
