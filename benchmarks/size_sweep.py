@@ -144,7 +144,7 @@ def write(points, out_dir):
     for size, p in points.items():
         if p["mixed_threads"]:
             lines += ["", f"**{size} images mixes thread settings** (`--allow_mixed_threads`): "
-                      + "; ".join(f"{'TensorFlow default' if t == '0' else t} threads: {len(f)} runs"
+                      + "; ".join(f"{'TensorFlow default threads' if t == '0' else f'--threads {t}'}: {len(f)} runs"
                                   for t, f in p["mixed_threads"].items())
                       + f" (see `{p['folder']}/summary.md`)."]
     unverified = sum(len(p["runs_git_dirty_unverified"]) for p in points.values())
