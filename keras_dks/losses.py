@@ -8,7 +8,8 @@ For heads with logits z_k and probabilities p_k = softmax(z_k):
 with H(t, p) = -sum_c t_c log p_c. Every term is summed over classes and
 averaged over the batch (averaging over classes is a known re-implementation
 bug that removes the gain). All terms are computed from `log_softmax` in
-float32, so they are stable for large logits and under mixed precision.
+float32 (float64 for float64 logits), so they are stable for large logits
+and under mixed precision.
 
 The authors' code logs KL(p_j || p_i) (with 1e-8 smoothing) instead of H;
 they differ by the entropy of the detached target, a constant for the
@@ -20,6 +21,16 @@ import numpy as np
 from keras import ops
 
 PAIR_STRATEGIES = ("bidirectional", "top_down", "bottom_up", "none")
+
+
+def _wide(x):
+    """`x` in float32, or in float64 if it is float64: losses are computed
+    in float32 or wider (bfloat16 / float16 logits are upcast, a float64
+    model keeps float64)."""
+    x = ops.convert_to_tensor(x)
+    if keras.backend.standardize_dtype(x.dtype) == "float64":
+        return x
+    return ops.cast(x, "float32")
 
 
 def resolve_pairs(pairs, num_heads):
@@ -114,8 +125,8 @@ def soft_cross_entropy(target_logits, logits, temperature=1.0):
     The target is detached: no gradient reaches the teacher through its
     target role.
     """
-    t = ops.stop_gradient(ops.cast(target_logits, "float32"))
-    z = ops.cast(logits, "float32")
+    t = ops.stop_gradient(_wide(target_logits))
+    z = _wide(logits)
     if temperature != 1.0:
         t = t / temperature
         z = z / temperature
@@ -125,14 +136,13 @@ def soft_cross_entropy(target_logits, logits, temperature=1.0):
 
 def cross_entropy(targets, logits):
     """Per-example CE with a (B, C) target distribution, shape (B,)."""
-    z = ops.cast(logits, "float32")
-    return -ops.sum(
-        ops.cast(targets, "float32") * ops.log_softmax(z, axis=-1), axis=-1
-    )
+    z = _wide(logits)
+    return -ops.sum(ops.cast(targets, z.dtype) * ops.log_softmax(z, axis=-1), axis=-1)
 
 
 def coupled_weight_decay(variables, weight_decay):
-    """`weight_decay / 2 * sum ||w||^2` over `variables`, in float32.
+    """`weight_decay / 2 * sum ||w||^2` over `variables`, in float32
+    (float64 if the variables are float64).
 
     Added to the loss, its gradient is `weight_decay * w`: PyTorch's
     `SGD(weight_decay=...)` (coupled L2), which the DKS authors apply to
@@ -140,7 +150,7 @@ def coupled_weight_decay(variables, weight_decay):
     """
     if not weight_decay or not variables:
         return ops.zeros((), "float32")
-    squares = [ops.sum(ops.square(ops.cast(v, "float32"))) for v in variables]
+    squares = [ops.sum(ops.square(_wide(v))) for v in variables]
     return (float(weight_decay) / 2.0) * ops.sum(ops.stack(squares))
 
 
@@ -156,9 +166,9 @@ def batch_mean(per_example, sample_weight=None):
     """
     if sample_weight is not None:
         per_example = per_example * ops.cast(
-            ops.reshape(sample_weight, (-1,)), "float32"
+            ops.reshape(sample_weight, (-1,)), per_example.dtype
         )
-    return ops.sum(per_example) / ops.cast(ops.shape(per_example)[0], "float32")
+    return ops.sum(per_example) / ops.cast(ops.shape(per_example)[0], per_example.dtype)
 
 
 def scale_for_distribution(value):
@@ -198,17 +208,26 @@ def unscale_for_distribution(value):
 # --------------------------------------------------------------------------
 # Labels
 # --------------------------------------------------------------------------
+# A label row of length num_classes must sum to 1 within this: float32 rows
+# (softmax outputs, normalised counts) carry <= num_classes * 2**-24 of
+# rounding, below 1e-3 up to ~16k classes; a row off by more is not a
+# distribution.
+ROW_SUM_TOLERANCE = 1e-3
+
+
 def check_labels(y, num_classes):
     """Reject labels that would train silently wrong, before any step runs.
 
     Accepted: integer class indices in `[0, num_classes)` of shape `(batch,)`
     or `(batch, 1)` (integral floats such as `2.0` too), or one-hot / soft
-    label rows of shape `(batch, num_classes)` that are non-negative and sum
-    to 1.
+    label rows of shape `(batch, num_classes)` that are finite,
+    non-negative and sum to 1 (within `ROW_SUM_TOLERANCE`). These are the
+    labels `label_targets` turns into targets; any other label gets a NaN
+    target row there.
 
     Args:
         y: NumPy array or eager tensor of labels.
-        num_classes: the model's number of classes.
+        num_classes: the model's number of classes (`model.num_classes`).
 
     Raises:
         ValueError: naming the first bad label and the fix.
@@ -226,7 +245,7 @@ def check_labels(y, num_classes):
             raise ValueError(f"Labels must be numbers; got dtype {y.dtype}.")
         rows = y.astype("float64")
         bad = ~np.isfinite(rows).all(-1) | (rows < 0).any(-1)
-        bad |= np.abs(rows.sum(-1) - 1.0) > 1e-3
+        bad |= np.abs(rows.sum(-1) - 1.0) > ROW_SUM_TOLERANCE
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(
@@ -261,7 +280,7 @@ def check_labels(y, num_classes):
         raise ValueError(
             f"Labels must be integer class indices in [0, {c}) or one-hot/"
             f"probability vectors of length {c}; label {y[i]!r} (example {i}) "
-            "is outside that range. Fix the labels or build the DKSModel with "
+            "is outside that range. Fix the labels or build the model with "
             "the right num_classes."
         )
 
@@ -271,9 +290,11 @@ def label_targets(y, num_classes, label_smoothing=0.0):
 
     Integer labels (`(batch,)` or `(batch, 1)`) are one-hot encoded; rows of
     length `num_classes` are used as given (one-hot or soft labels). A label
-    outside `[0, num_classes)` or with a fractional part gets a NaN row, so
-    the loss goes NaN instead of training on a wrong target (compiled steps
-    cannot raise; `check_labels` gives the clear error for array data).
+    that `check_labels` would reject gets a NaN row instead, so the loss of
+    its batch is NaN rather than trained on a wrong target (a compiled step
+    cannot raise): an index outside `[0, num_classes)` or with a fractional
+    part, and a row with a negative or non-finite entry or a sum off 1 by
+    more than `ROW_SUM_TOLERANCE`.
 
     Args:
         y: labels.
@@ -284,12 +305,18 @@ def label_targets(y, num_classes, label_smoothing=0.0):
     Example:
     ```python
     label_targets(ops.convert_to_tensor([2, 0]), 3)   # [[0,0,1],[1,0,0]]
+    label_targets(ops.convert_to_tensor([[0.5, 0.6, 0.0]]), 3)  # [[nan]*3]
     ```
     """
     c = int(num_classes)
     y = ops.convert_to_tensor(y)
     if len(y.shape) == 2 and y.shape[-1] == c:
-        targets = ops.cast(y, "float32")
+        rows = ops.cast(y, "float32")
+        valid = ops.logical_and(
+            ops.all(ops.logical_and(ops.isfinite(rows), rows >= 0.0), axis=-1),
+            ops.abs(ops.sum(rows, axis=-1) - 1.0) <= ROW_SUM_TOLERANCE,
+        )
+        targets = ops.where(valid[:, None], rows, float("nan"))
     else:
         if len(y.shape) == 2 and y.shape[-1] == 1:
             y = ops.squeeze(y, -1)
@@ -311,76 +338,26 @@ def label_targets(y, num_classes, label_smoothing=0.0):
     return targets
 
 
+def __getattr__(name):
+    # The draws moved to keras_dks.draws; the old names keep working.
+    if name in ("stateless_uniform", "pair_mask"):
+        import warnings
+
+        from keras_dks import draws
+
+        warnings.warn(
+            f"keras_dks.losses.{name} moved to keras_dks.draws.{name}; the old "
+            "name will be removed.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(draws, name)
+    raise AttributeError(f"module 'keras_dks.losses' has no attribute {name!r}")
+
+
 # --------------------------------------------------------------------------
 # The DKS loss
 # --------------------------------------------------------------------------
-def stateless_uniform(shape, seed, step):
-    """Uniform float32 draws in [0, 1), a function of `(seed, step)` only.
-
-    The one source of randomness of the training-time draws (per-pair
-    dropping, DHM's branch mask and dynamic roots): keyed on a seed and the
-    optimizer's step counter, the same on every replica and after resuming.
-    TensorFlow uses `tf.random.stateless_uniform(shape, seed=[seed, step])`
-    (the draws of earlier releases); JAX folds `step` into
-    `jax.random.PRNGKey(seed)`; PyTorch seeds a `torch.Generator` with
-    `seed * 1_000_003 + step`. Draws are reproducible per backend but differ
-    across backends.
-
-    Args:
-        shape: shape of the draw (`()` for a scalar).
-        seed: Python int.
-        step: int scalar (Python int, tensor or the optimizer's
-            `iterations` variable).
-
-    Example:
-    ```python
-    stateless_uniform((3,), seed=1, step=0)   # the same 3 numbers every call
-    ```
-    """
-    shape = tuple(int(d) for d in shape)
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        s = tf.stack([tf.constant(int(seed), tf.int64), tf.cast(step, tf.int64)])
-        return tf.random.stateless_uniform(list(shape), seed=s)
-    if backend == "jax":
-        import jax
-
-        key = jax.random.fold_in(jax.random.PRNGKey(int(seed)), ops.convert_to_tensor(step))
-        return jax.random.uniform(key, shape)
-    if backend == "torch":
-        import torch
-
-        gen = torch.Generator().manual_seed(
-            (int(seed) * 1_000_003 + int(ops.convert_to_numpy(step))) % (2**63)
-        )
-        return ops.convert_to_tensor(torch.rand(shape, generator=gen).numpy())
-    raise RuntimeError(
-        f"Stateless draws (pair_keep_prob < 1, DHMModel's branch and root "
-        f"sampling) need the TensorFlow, JAX or PyTorch backend; KERAS_BACKEND "
-        f"is {backend!r}. Run with one of those, or train without the draws."
-    )
-
-
-def pair_mask(num_pairs, keep_prob, seed, step):
-    """Per-pair dropping (`pair_keep_prob`): a 1/0 float32 mask per pair.
-
-    A library option: DHM's paper masks branch locations, not single pairs.
-
-    A function of `(seed, step)` only (`stateless_uniform(seed, step) <
-    keep_prob`), so every replica and a resumed run draw the same mask.
-    Masks are reproducible per backend but differ across backends.
-
-    Example:
-    ```python
-    pair_mask(6, 0.5, seed=1, step=0)   # e.g. [1., 0., 0., 1., 1., 0.]
-    ```
-    """
-    draw = stateless_uniform((num_pairs,), seed, step)
-    return ops.cast(draw < keep_prob, "float32")
-
-
 def dks_loss_terms(
     targets,
     logits,
@@ -412,7 +389,7 @@ def dks_loss_terms(
     terms = dks_loss_terms(t, [z0, z1], [1.0, 1.0], [(1, 0), (0, 1)], [1.0, 1.0])
     ```
     """
-    logits = [ops.cast(z, "float32") for z in logits]
+    logits = [_wide(z) for z in logits]
     ce = [cross_entropy(targets, z) for z in logits]
     supervised = ce[0] * head_weights[0]
     for a, c in zip(head_weights[1:], ce[1:]):
@@ -436,12 +413,14 @@ def synergy_terms(logits, pairs="bidirectional", weights=1.0, pair_mask=None):
     """
     pair_list = resolve_pairs(pairs, len(logits))
     betas = resolve_weights(weights, len(pair_list), "synergy_weight", "pairs")
-    total = ops.zeros(ops.shape(logits[0])[:1], "float32")
+    total = ops.zeros(ops.shape(logits[0])[:1], _wide(logits[0]).dtype)
     for k, ((s, t), beta) in enumerate(zip(pair_list, betas)):
         if beta == 0.0:
             continue
         term = beta * soft_cross_entropy(logits[t], logits[s])
-        total = total + (term if pair_mask is None else pair_mask[k] * term)
+        if pair_mask is not None:
+            term = ops.cast(pair_mask[k], term.dtype) * term
+        total = total + term
     return total
 
 
