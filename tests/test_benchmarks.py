@@ -74,6 +74,82 @@ def test_methods_of_a_seed_start_from_the_same_inference_network():
 
 
 
+def _write_fashion_idx(folder, n_train, n_test, seed=0):
+    """Four tiny IDX files in Fashion-MNIST's names (magic, sizes, uint8 data)."""
+    import gzip
+    import struct
+
+    from keras_dks.data import fashion_mnist
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        arrays = (rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                  rng.integers(0, 10, n, dtype=np.uint8))
+        for name, array in zip(fashion_mnist.FILES[split], arrays):
+            raw = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+            raw += struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+            with gzip.open(os.path.join(folder, name + ".gz"), "wb") as f:
+                f.write(raw)
+
+
+@pytest.fixture
+def study_flags(tmp_path):
+    """accuracy.py's flags, parsed and restored after the test, on a tiny
+    IDX Fashion-MNIST and a small network."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    data = tmp_path / "idx"
+    data.mkdir()
+    _write_fashion_idx(str(data), n_train=80, n_test=10)
+    with flagsaver.flagsaver(data_dir=str(data), train_examples=48, batch_size=8, epochs=3,
+                             depth=10, eval_every=1, out_dir=str(tmp_path / "out"),
+                             augment=False):
+        yield flags.FLAGS
+
+
+def test_methods_of_a_seed_see_the_same_batches_in_the_same_order(study_flags, monkeypatch):
+    """The pairing claim for data: `accuracy.run` (its seeding, its datasets,
+    its model building) hands every method of one seed the same batches in
+    the same order, epoch after epoch; another seed gets another order."""
+    seen = {}
+
+    def recording_train(model, train_ds, test_ds, epochs, **kwargs):
+        batches = []
+        for _ in range(epochs):  # one pass per epoch, as fit makes
+            batches.append([(x.numpy().copy(), y.numpy().copy()) for x, y in train_ds])
+        seen[(model.name, len(model.head_names))] = batches
+        return {"head_errors": {h: 0.5 for h in model.head_names}, "history": {},
+                "wall_seconds": 0.0, "train_images_per_second": 1.0}
+
+    monkeypatch.setattr(accuracy.recipes, "train", recording_train)
+    orders = {}
+    for method, seed in (("baseline", 3), ("dks", 3), ("ds", 3), ("baseline", 4)):
+        seen.clear()
+        accuracy.run(method, seed)
+        (batches,) = seen.values()
+        orders[(method, seed)] = batches
+    base = orders[("baseline", 3)]
+    assert len(base) == 3 and len(base[0]) == 6  # 48 images, batch 8
+    for method in ("dks", "ds"):
+        for epoch_a, epoch_b in zip(base, orders[(method, 3)]):
+            assert len(epoch_a) == len(epoch_b)
+            for (xa, ya), (xb, yb) in zip(epoch_a, epoch_b):
+                np.testing.assert_array_equal(ya, yb)
+                np.testing.assert_array_equal(xa, xb)
+
+    def label_order(batches):
+        return [np.concatenate([y for _, y in epoch]).tolist() for epoch in batches]
+
+    # The order is a real shuffle: it changes between epochs and seeds (else
+    # equal orders above would prove nothing).
+    assert label_order(base)[0] != label_order(base)[1]
+    images = lambda b: np.concatenate([x for x, _ in b[0]])  # noqa: E731
+    assert not np.array_equal(images(base), images(orders[("baseline", 4)]))
+
+
 def test_spread_verdict_calls_a_difference_only_without_overlap():
     from benchmarks import common
 
