@@ -35,10 +35,12 @@ import json
 import math
 import os
 import re
+import shutil
 
 import keras
 from absl import logging
 
+from keras_dks import compat
 from keras_dks import utils
 
 
@@ -71,54 +73,50 @@ def _non_finite_losses(logs):
 # SafeBackupAndRestore
 # --------------------------------------------------------------------------
 _CKPT = re.compile(r"^ckpt-(\d+)\.weights\.h5$")
+_METADATA = "training_metadata.json"
 
 
-class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` that never restores a half-written checkpoint.
+class SafeBackupAndRestore(keras.callbacks.Callback):
+    """`keras.callbacks.BackupAndRestore` with an atomic commit.
 
-    Keras' `BackupAndRestore` (3.15) overwrites `latest.weights.h5` in place
-    and then rewrites `training_metadata.json`: a process killed during the
-    first write leaves a truncated weights file that the next run fails to
-    load (or, with `double_checkpoint=True`, silently replaces by the older
-    copy while the metadata may already name the newer epoch), and a kill
-    between the two writes pairs new weights with the old epoch number, so
-    the resumed run repeats an epoch.
-
-    This subclass keeps everything else of Keras' callback (when to save,
-    `save_freq`, `delete_checkpoint`, resuming at the start of the
-    interrupted epoch via `model._initial_epoch`) and changes how a
-    checkpoint is written:
+    Saves the weights and optimizer state every epoch (or every `save_freq`
+    batches) to `backup_dir`, and on `fit` restores them and resumes at the
+    start of the interrupted epoch, like Keras' `BackupAndRestore`. A save
+    is committed atomically:
 
     1. the weights (with the optimizer state) go to a new file
        `ckpt-<n>.weights.h5`, which is flushed to disk;
     2. `training_metadata.json`, naming that file and the epoch, is written
-       to a temporary file and atomically `os.replace`d: this is the commit;
+       to a temporary file and `os.replace`d: this is the commit;
     3. only then are older checkpoint files deleted.
 
-    Whenever the process dies, `training_metadata.json` names a checkpoint
-    that was completely written, and its epoch matches its weights.
-    Leftovers of an interrupted save (a partial `ckpt-*.weights.h5`, a
-    `*.tmp-*` file) are never read and are deleted by the next save. With
-    `double_checkpoint=True` the previous checkpoint is kept too and used if
-    the latest one cannot be read (e.g. a disk error after the commit).
-
-    It also refuses to back up a state whose loss is non-finite (NaN or inf
-    in the logs): the previous good checkpoint is kept, and not deleted at
-    the end of training, so the run can be resumed from before the
-    divergence (e.g. with a lower learning rate, see `StopOnNonFiniteLoss`).
+    So whenever the process dies, `training_metadata.json` names a
+    completely written checkpoint whose epoch matches its weights; leftovers
+    of an interrupted save are never read and are deleted by the next save.
+    With `double_checkpoint=True` the previous checkpoint is kept and used
+    if the latest cannot be read. A state whose loss is non-finite (NaN or
+    inf in the logs) is never backed up: the last good checkpoint is kept,
+    also at the end of training. A directory written by Keras'
+    `BackupAndRestore` (`latest.weights.h5`) is restored too.
 
     Atomicity relies on `os.replace`, so `backup_dir` must be a local (or
-    POSIX-like network) file system; remote URLs (`gs://...`) are rejected.
-    Under multi-worker training give each worker its own `backup_dir`.
+    POSIX-like network) file system. Under multi-worker training give each
+    worker its own `backup_dir`. The model must be built before `fit`.
 
     Args:
         backup_dir: directory for the checkpoint, used by this callback only.
-        save_freq: `"epoch"` or an integer number of batches, as in Keras.
-            Resuming always restarts the interrupted epoch from its first
-            batch, so integer `save_freq` runs repeat batches (Keras
-            behaviour); use `"epoch"` for exact resumption.
+        save_freq: `"epoch"` or an integer number of batches. Resuming
+            restarts the interrupted epoch from its first batch, so an
+            integer `save_freq` repeats batches; `"epoch"` resumes exactly.
         double_checkpoint: keep the previous checkpoint as a fallback.
         delete_checkpoint: delete `backup_dir` when training ends normally.
+
+    Example:
+    ```python
+    model.fit(train_ds, epochs=200, callbacks=[
+        keras_dks.callbacks.SafeBackupAndRestore("/ckpt/run1/backup")])
+    # Killed? Run the same command again: it resumes at the killed epoch.
+    ```
     """
 
     def __init__(
@@ -128,26 +126,38 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         double_checkpoint=False,
         delete_checkpoint=True,
     ):
-        if backup_dir and "://" in str(backup_dir):
+        super().__init__()
+        if not backup_dir:
+            raise ValueError("SafeBackupAndRestore needs a backup_dir; got an empty one.")
+        if "://" in str(backup_dir):
             raise ValueError(
                 f"SafeBackupAndRestore needs a local backup_dir (atomic "
                 f"os.replace); got {backup_dir!r}. Use a local directory, or "
                 "keras.callbacks.BackupAndRestore for remote storage."
             )
-        super().__init__(
-            backup_dir,
-            save_freq=save_freq,
-            double_checkpoint=double_checkpoint,
-            delete_checkpoint=delete_checkpoint,
-        )
+        if save_freq != "epoch" and (
+            isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1
+        ):
+            raise ValueError(
+                f"save_freq must be 'epoch' or a positive number of batches; got {save_freq!r}."
+            )
         self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.double_checkpoint = double_checkpoint
+        self.delete_checkpoint = delete_checkpoint
+        self.metadata_path = os.path.join(self.backup_dir, _METADATA)
+        self._epoch = 0  # epochs completed, as saved in the metadata
+        self._batch = 0  # last batch seen in the current epoch
+        self._since_save = 0
         self._skipped_non_finite = False
+        self._resumed = False
 
     # --- reading ----------------------------------------------------------
-    def _read_metadata(self):
-        if not os.path.exists(self._training_metadata_path):
+    def _read_metadata(self, path=None):
+        path = path or self.metadata_path
+        if not os.path.exists(path):
             return None
-        with open(self._training_metadata_path) as f:
+        with open(path) as f:
             text = f.read()
         try:
             return json.loads(text)
@@ -155,47 +165,57 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
             # Cannot come from an interrupted save (the file is replaced
             # atomically); the file was damaged some other way.
             raise ValueError(
-                f"{self._training_metadata_path} is not valid JSON "
-                f"({text[:80]!r}). It was not written by an interrupted "
-                "SafeBackupAndRestore save; delete backup_dir to start over."
+                f"{path} is not valid JSON ({text[:80]!r}). It was not "
+                "written by an interrupted SafeBackupAndRestore save; delete "
+                "backup_dir to start over."
             ) from None
+
+    def _candidates(self, metadata):
+        """[(weights path, epoch)] to try, newest first."""
+        if "weights" in metadata:
+            records = [metadata] + ([metadata["previous"]] if metadata.get("previous") else [])
+            return [(os.path.join(self.backup_dir, r["weights"]), r["epoch"]) for r in records]
+        # Written by keras.callbacks.BackupAndRestore.
+        latest = os.path.join(self.backup_dir, "latest.weights.h5")
+        candidates = [(latest, metadata["epoch"])]
+        previous = self._read_metadata(self.metadata_path + ".bkp")
+        if previous is not None and os.path.exists(latest + ".bkp"):
+            candidates.append((latest + ".bkp", previous["epoch"]))
+        return candidates
 
     def on_train_begin(self, logs=None):
         self._skipped_non_finite = False
-        self._load_model()
-
-    def _load_model(self):
+        self._resumed = False
+        self._epoch = self._batch = self._since_save = 0
         if not self.model.built:
             raise ValueError(
                 "To use SafeBackupAndRestore the model must be built before "
                 "fit() (DKSModel always is; call other models on a batch)."
             )
         metadata = self._read_metadata()
-        if metadata is None or "weights" not in metadata:
-            # Nothing saved yet, or a directory written by Keras'
-            # BackupAndRestore: let Keras read it.
-            return super()._load_model()
-        candidates = [metadata]
-        if metadata.get("previous"):
-            candidates.append(metadata["previous"])
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
+        if metadata is None:
+            return
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
         errors = []
-        for record in candidates:
-            path = os.path.join(self.backup_dir, record["weights"])
+        candidates = self._candidates(metadata)
+        for i, (path, epoch) in enumerate(candidates):
             try:
                 self.model.load_weights(path)
             except Exception as e:  # h5py raises OSError, Keras ValueError
                 errors.append(f"{path}: {type(e).__name__}: {e}")
                 continue
-            self.model._initial_epoch = record["epoch"]
-            if record is not metadata:
+            if i:
                 logging.warning(
                     "SafeBackupAndRestore: could not load %s; resumed from the "
                     "previous checkpoint (epoch %d).",
-                    metadata["weights"],
-                    record["epoch"],
+                    candidates[0][0],
+                    epoch,
                 )
+            compat.set_initial_epoch(self.model, epoch)
+            self._epoch = epoch
+            self._resumed = True
             return
         raise OSError(
             "SafeBackupAndRestore could not load the committed checkpoint "
@@ -204,15 +224,21 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
 
     # --- writing ----------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
-        if self._refuse(logs, f"epoch {epoch + 1}"):
-            return
-        super().on_epoch_end(epoch, logs)
+        self._epoch, self._batch = epoch + 1, 0
+        if self.save_freq == "epoch" and not self._refuse(logs, f"epoch {epoch + 1}"):
+            self._save()
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.save_freq != "epoch" and _non_finite_losses(logs):
-            self._refuse(logs, f"batch {batch + 1}")
+        if self.save_freq == "epoch":
             return
-        super().on_train_batch_end(batch, logs)
+        # `batch` may jump by steps_per_execution; a smaller one is a new epoch.
+        self._since_save += batch + 1 if batch <= self._batch else batch - self._batch
+        self._batch = batch
+        if self._since_save >= self.save_freq:
+            if self._refuse(logs, f"batch {batch + 1}"):
+                return
+            self._since_save = 0
+            self._save()
 
     def _refuse(self, logs, where):
         bad = _non_finite_losses(logs)
@@ -229,7 +255,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._skipped_non_finite = True
         return True
 
-    def _save_model(self):
+    def _save(self):
         os.makedirs(self.backup_dir, exist_ok=True)
         try:
             previous = self._read_metadata()
@@ -241,12 +267,12 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         name = f"ckpt-{seq:06d}.weights.h5"
         path = os.path.join(self.backup_dir, name)
         # 1. Weights and optimizer state to a file nobody reads yet.
-        self.model.save_weights(filepath=path, overwrite=True)
+        self.model.save_weights(path, overwrite=True)
         _fsync_file(path)
         # 2. Commit: atomically point the metadata at it.
         record = {
-            "epoch": self._current_epoch,
-            "batch": self._last_batch_seen,
+            "epoch": self._epoch,
+            "batch": self._batch,
             "weights": name,
             "seq": seq,
             "previous": None,
@@ -255,7 +281,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
             record["previous"] = {
                 k: previous[k] for k in ("epoch", "batch", "weights", "seq")
             }
-        atomic_write_json(self._training_metadata_path, record)
+        atomic_write_json(self.metadata_path, record)
         # 3. Clean up what is no longer referenced.
         keep = {name}
         if record["previous"]:
@@ -274,6 +300,9 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                     pass
 
     def on_train_end(self, logs=None):
+        if self._resumed:
+            # The resume epoch applies to this fit only.
+            compat.set_initial_epoch(self.model, None)
         if self._skipped_non_finite:
             logging.warning(
                 "SafeBackupAndRestore: training ended on a non-finite loss; "
@@ -281,7 +310,8 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                 self.backup_dir,
             )
             return
-        super().on_train_end(logs)
+        if self.delete_checkpoint and os.path.exists(self.backup_dir):
+            shutil.rmtree(self.backup_dir)
 
 
 # --------------------------------------------------------------------------

@@ -27,7 +27,23 @@ pytestmark = pytest.mark.xdist_group("distribute")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
-ATOL = 1e-5
+EPS32 = float(np.finfo(np.float32).eps)  # 2^-23 = 1.19e-7
+
+
+def tolerance(steps):
+    """Relative/absolute gap allowed between N replicas and one device after
+    `steps` SGD steps (momentum 0.9) on the tiny models below, in float32.
+
+    Replicas add a step's gradient in a different grouping than one device:
+    each of the ~6 chained layer reductions (<= 8 examples x 64 positions =
+    512 terms) may round log2(512) = 9 more times, ~54 eps per step; the
+    momentum sums weight the step errors 1, 1.9, 2.71, 3.44, ... Logged
+    losses and metrics, one reduction further, stay inside the same bound.
+    """
+    accumulation = sum(
+        sum(0.9**k for k in range(t)) for t in range(1, steps + 1)
+    )
+    return EPS32 * 6 * 9 * accumulation  # 3 steps: 3.6e-5; 4 steps: 5.8e-5
 
 
 def _env(**extra):
@@ -211,7 +227,7 @@ for name, (kwargs, opts) in CASES.items():
             history=history(h), iterations=int(m.optimizer.iterations.numpy()),
             replica_gap=replica_gap,
             replicas=strategy.num_replicas_in_sync if mode == "mirrored" else 1,
-            sync=[l.name for l in m._flatten_layers()
+            sync=[l.name for l in m.layers
                   if isinstance(l, keras.layers.BatchNormalization) and l.synchronized],
         )
 with open(os.path.join(out, "results.json"), "w") as f:
@@ -249,7 +265,7 @@ def test_mirrored_equals_single_device(mirrored_runs, case):
         w_mirrored = _load(out / f"{case}_mirrored{suffix}.npz")
         assert len(w_single) == len(w_mirrored) == len(init)
         for a, b in zip(w_single, w_mirrored):
-            np.testing.assert_allclose(b, a, atol=ATOL, rtol=ATOL)
+            np.testing.assert_allclose(b, a, atol=tolerance(3), rtol=tolerance(3))
     moved = [not np.allclose(a, b) for a, b in zip(init, w_single)]
     assert sum(moved) >= len(moved) - 2  # all but e.g. BN moving variances
     assert mirrored["replica_gap"] == 0.0  # both replicas hold the same copy
@@ -260,18 +276,20 @@ def test_mirrored_equals_single_device(mirrored_runs, case):
     if case == "bidirectional":
         assert {"val_loss", "val_synergy_loss", "val_accuracy"} <= set(hs)
     for key in hs:
-        np.testing.assert_allclose(hm[key], hs[key], atol=ATOL, rtol=ATOL, err_msg=key)
+        np.testing.assert_allclose(
+            hm[key], hs[key], atol=tolerance(3), rtol=tolerance(3), err_msg=key
+        )
 
 
 def test_one_step_mirrored_equals_one_device(mirrored_runs):
     """Core issue: one step on 2 logical CPU devices under MirroredStrategy
-    gives the weights of one device (BN-free DKS, default settings), 1e-5."""
+    gives the weights of one device (BN-free DKS, default settings)."""
     out, _ = mirrored_runs
     init = _load(out / "bidirectional_init.npz")
     single = _load(out / "bidirectional_single_step1.npz")
     mirrored = _load(out / "bidirectional_mirrored_step1.npz")
     for a, b, c in zip(single, mirrored, init):
-        np.testing.assert_allclose(b, a, atol=ATOL, rtol=ATOL)
+        np.testing.assert_allclose(b, a, atol=tolerance(1), rtol=tolerance(1))
         assert not np.array_equal(a, c)  # every weight took the step
 
 
@@ -297,7 +315,7 @@ def test_sync_batchnorm_heads_and_warning():
 
     def head_bns(model):
         return [
-            l for l in model._flatten_layers()
+            l for l in model.layers
             if isinstance(l, keras.layers.BatchNormalization) and l.name.startswith("aux_")
         ]
 
@@ -359,6 +377,7 @@ with strategy.scope():
     model = DKSModel(backbone(), num_classes=5, taps=["stem", "s1"],
                      head=conv_head, seed=0)
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
+assert keras_dks.distribute.multi_worker_model(model) is model
 np.savez(os.path.join(out, f"init{task}.npz"), *model.get_weights())
 h = model.fit(train, validation_data=val, epochs=2, verbose=0)
 result["eval"] = [float(v) for v in model.evaluate(val, verbose=0)]
@@ -428,33 +447,37 @@ def test_multi_worker_fit_equals_single_process(multi_worker_runs):
         np.testing.assert_array_equal(a, b)
     final0, final1 = _load(out / "final0.npz"), _load(out / "final1.npz")
     for a, b in zip(final0, final1):
-        np.testing.assert_allclose(a, b, atol=1e-7, rtol=0)
+        # Both workers apply the same all-reduced gradients: one rounding.
+        np.testing.assert_allclose(a, b, atol=0, rtol=EPS32)
     assert w0["iterations"] == w1["iterations"] == 4  # 2 epochs x 2 global batches
 
     model, hist, evaluation = _single_process_reference(init0)
     assert int(model.optimizer.iterations.numpy()) == 4
     for a, b in zip(model.get_weights(), final0):
-        np.testing.assert_allclose(b, a, atol=ATOL, rtol=ATOL)
+        np.testing.assert_allclose(b, a, atol=tolerance(4), rtol=tolerance(4))
     moved = [not np.allclose(a, b) for a, b in zip(init0, final0)]
     assert sum(moved) >= len(moved) - 1
     for w in (w0, w1):
         assert sorted(w["history"]) == sorted(hist)
         for key in hist:
             np.testing.assert_allclose(
-                w["history"][key], hist[key], atol=ATOL, rtol=ATOL, err_msg=key
+                w["history"][key], hist[key], atol=tolerance(4),
+                rtol=tolerance(4), err_msg=key,
             )
-        np.testing.assert_allclose(w["eval"], evaluation, atol=ATOL, rtol=ATOL)
+        np.testing.assert_allclose(
+            w["eval"], evaluation, atol=tolerance(4), rtol=tolerance(4)
+        )
 
 
 def test_keras_20585_still_breaks_plain_models(multi_worker_runs):
-    """Canary: when this fails, Keras fixed keras-team/keras#20585. Remove
-    the workaround in keras_dks/distribute.py (MultiWorkerWorkaroundMixin,
-    a base class of DKSModel, and the helpers it uses)."""
+    """Canary: when this fails, this Keras version fixed keras-team/keras#20585:
+    `keras_dks.distribute.multi_worker_model` need not patch it there."""
     _, results = multi_worker_runs
     for r in results:
         assert r["plain_error"] is not None, (
             "A plain Keras model now trains under MultiWorkerMirroredStrategy: "
-            "keras-team/keras#20585 looks fixed; remove keras_dks' workaround."
+            "keras-team/keras#20585 looks fixed in this Keras version; make "
+            "keras_dks.distribute.multi_worker_model a no-op on it."
         )
         assert r["plain_error"]["known"], r["plain_error"]["message"]
 
@@ -480,3 +503,7 @@ def test_get_strategy_names(monkeypatch):
     with mirrored.scope():
         model = DKSModel(ns["backbone"](), num_classes=3, taps=["s1"], head="simple")
     assert not keras_dks.distribute.needs_keras_20585_workaround(model)
+    # ... and multi_worker_model leaves them as they are.
+    step = model.train_step
+    assert keras_dks.distribute.multi_worker_model(model) is model
+    assert model.train_step == step and "_maybe_symbolic_build" not in vars(model)
