@@ -1,24 +1,27 @@
 """The paper's training recipes, shared by the examples.
 
-- `build_model(method, backbone, ...)`: baseline / DS / DKS / DHM as a
-  `DKSModel` (dispatches to `keras_dks.methods`).
 - `step_schedule`, `sgd`: step learning-rate decay on optimizer steps
   (`keras.optimizers.schedules.PiecewiseConstantDecay`) and SGD with
   momentum, as in the authors' code (CIFAR: lr 0.1 x0.2 at epochs 60, 120,
-  160; ImageNet: lr 0.1 /10 every 30 epochs).
+  160; ImageNet: lr 0.1 /10 every 30 epochs), guarded by
+  `keras_dks.optimizers.SkipNonFinite`.
 - `train(...)`: `fit` with resumable checkpoints, a stop on non-finite
-  losses, TensorBoard, a per-epoch log kept across restarts, a history
-  JSON, the per-head error curves PNG (paper Figure 1), the final
-  `model.keras` and the training speed.
-- `export_inference_model`, `get_strategy`, `set_precision`,
-  `summary_line`: the rest of an example's plumbing.
+  losses, one progress line per epoch, TensorBoard, a per-epoch log kept
+  across restarts, a history JSON, the per-head error curves PNG (paper
+  Figure 1), the final `model.keras` and the training speed.
+  `train_srdl(...)`: the same for SRDL's two stages.
+- `export_inference_model`, `set_precision`, `worker_dir`, `summary_line`:
+  the rest of an example's plumbing.
+
+Models come from `keras_dks.methods.build_model`, strategies from
+`keras_dks.distribute.get_strategy`.
 
 Example:
 ```python
 import keras, keras_dks
 from keras_dks import recipes
 backbone = keras_dks.backbones.wide_resnet(28, 10, num_classes=100)
-model = recipes.build_model("dks", backbone, weight_decay=5e-4)
+model = keras_dks.methods.build_model("dks", backbone, weight_decay=5e-4)
 schedule = recipes.step_schedule(0.1, steps_per_epoch=391,
                                  boundaries=(60, 120, 160), decay=0.2)
 model.compile(recipes.sgd(schedule), metrics=["accuracy"])
@@ -31,103 +34,98 @@ print(result["head_errors"])
 import importlib.util
 import json
 import os
+import sys
 import time
+import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from keras_dks import callbacks as callbacks_lib
 from keras_dks import losses as losses_lib
 from keras_dks import methods as methods_lib
+from keras_dks import optimizers as optimizers_lib
 from keras_dks import utils
 from keras_dks.utils import step_schedule
 
-# Model configurations of the examples' --method flag; the examples' "srdl"
-# is a two-stage procedure (`train_srdl`), not a model configuration.
-METHODS = methods_lib.MODEL_METHODS
-PAIRS = losses_lib.PAIR_STRATEGIES
+# Names that moved out of this module: {old name: (new place, value)}.
+_MOVED = {
+    "METHODS": ("keras_dks.methods.MODEL_METHODS", lambda: methods_lib.MODEL_METHODS),
+    "PAIRS": ("keras_dks.losses.PAIR_STRATEGIES", lambda: losses_lib.PAIR_STRATEGIES),
+}
 
 
-# ---------------------------------------------------------------------------
-# Model and optimizer
-# ---------------------------------------------------------------------------
-def build_model(method, backbone, num_classes=None, pairs="bidirectional", **kwargs):
-    """The model of a method on `backbone`.
-
-    `"baseline"` is the plain network (`DKSModel(taps=[])`, main head
-    only), `"ds"` deep supervision (`pairs="none"`), `"dks"` DKS with the
-    given pair strategy, `"dhm"` `DHMModel` (by default DHM's released
-    code: the DKS loss; see `keras_dks.methods.DHMModel`). The
-    backbone's own head design is used (e.g. `wide_resnet` builds the
-    authors' branches).
-
-    Args:
-        method: one of `METHODS`.
-        backbone: the backbone `keras.Model` (see `DKSModel`).
-        num_classes: classes (taken from the backbone's logits when None).
-        pairs: pair strategy of `dks` / `dhm` (ignored by the others).
-        **kwargs: any other `DKSModel` argument, e.g. `weight_decay`
-            (coupled L2 on all trainable variables, like PyTorch's SGD
-            `weight_decay`), `sync_batchnorm`, `label_smoothing`.
-
-    Returns:
-        A `DKSModel` (or `DHMModel`).
-
-    Example:
-    ```python
-    model = build_model("ds", keras_dks.backbones.wide_resnet(16, 1, 10),
-                        weight_decay=5e-4)
-    model.head_names   # ['main', 'aux_group1', 'aux_group0']
-    ```
-    """
-    if method not in METHODS:
-        raise ValueError(
-            f"Unknown method {method!r}; use one of {METHODS}"
-            + (" (SRDL: keras_dks.methods.SRDL)." if method == "srdl" else ".")
+def __getattr__(name):
+    if name in _MOVED:
+        place, value = _MOVED[name]
+        warnings.warn(
+            f"keras_dks.recipes.{name} is deprecated; use {place}.",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        return value()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_model(method, backbone, num_classes=None, pairs="bidirectional", **kwargs):
+    """Deprecated: use `keras_dks.methods.build_model`.
+
+    Builds the same model; `pairs` is passed for `"dks"` and `"dhm"` only.
+    """
+    warnings.warn(
+        "keras_dks.recipes.build_model is deprecated; use "
+        "keras_dks.methods.build_model(method, backbone, ...).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     if method in ("dks", "dhm"):
         kwargs["pairs"] = pairs
     return methods_lib.build_model(method, backbone, num_classes=num_classes, **kwargs)
 
 
-def sgd(learning_rate, momentum=0.9, nesterov=False):
+def get_strategy(name="default"):
+    """Deprecated: use `keras_dks.distribute.get_strategy`."""
+    warnings.warn(
+        "keras_dks.recipes.get_strategy is deprecated; use "
+        "keras_dks.distribute.get_strategy(name).",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    from keras_dks import distribute
+
+    return distribute.get_strategy(name)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer and environment
+# ---------------------------------------------------------------------------
+def sgd(learning_rate, momentum=0.9, nesterov=False, skip_non_finite=True):
     """SGD with momentum (no Nesterov, as in the authors' code).
 
     Weight decay is not the optimizer's: it is `DKSModel(weight_decay=...)`,
     an L2 term on every trainable variable (PyTorch's coupled decay).
+
+    Args:
+        learning_rate: a float or a schedule (`step_schedule`).
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum.
+        skip_non_finite: wrap the optimizer in
+            `keras_dks.optimizers.SkipNonFinite`: a step whose gradients
+            are not finite changes nothing and is counted (`train` then
+            stops with a message naming it).
+
+    Returns:
+        The optimizer.
 
     Example:
     ```python
     optimizer = sgd(step_schedule(0.1, 391, (60, 120, 160), 0.2))
     ```
     """
-    return keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=nesterov)
-
-
-# ---------------------------------------------------------------------------
-# Environment
-# ---------------------------------------------------------------------------
-def get_strategy(name="default"):
-    """`"default"`, `"mirrored"` or `"multi_worker"` strategy.
-
-    Call it before any other TensorFlow work: a multi-worker strategy starts
-    the worker's server (see `keras_dks.distribute`).
-
-    Args:
-        name: strategy name, as in `keras_dks.distribute.get_strategy`.
-
-    Example:
-    ```python
-    strategy = get_strategy("mirrored")
-    with strategy.scope():
-        model = build_model("dks", backbone, weight_decay=5e-4)
-        model.compile(sgd(0.1), metrics=["accuracy"])
-    ```
-    """
-    from keras_dks import distribute
-
-    return distribute.get_strategy(name)
+    optimizer = keras.optimizers.SGD(learning_rate, momentum=momentum, nesterov=nesterov)
+    return optimizers_lib.SkipNonFinite(optimizer) if skip_non_finite else optimizer
 
 
 def is_chief():
@@ -186,7 +184,7 @@ def set_precision(mixed):
 
 
 # ---------------------------------------------------------------------------
-# Training
+# Callbacks
 # ---------------------------------------------------------------------------
 class EpochLog(keras.callbacks.Callback):
     """Appends each epoch's logs to a JSON-lines file.
@@ -194,14 +192,20 @@ class EpochLog(keras.callbacks.Callback):
     Unlike `History` (only the epochs of the current `fit`) the file spans
     restarts from `BackupAndRestore`; unlike `CSVLogger` it keeps keys that
     appear only in some epochs (validation with `validation_freq > 1`).
+
+    Args:
+        path: the `.jsonl` file.
+        offset: added to the epoch numbers (SRDL's second stage follows the
+            first).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, offset=0):
         super().__init__()
         self.path = path
+        self.offset = offset
 
     def on_epoch_end(self, epoch, logs=None):
-        row = {"epoch": int(epoch)}
+        row = {"epoch": int(epoch) + self.offset}
         row.update({k: float(v) for k, v in (logs or {}).items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -262,6 +266,74 @@ class Throughput(keras.callbacks.Callback):
         return steps / seconds if seconds > 0 else float("nan")
 
 
+def _format_value(value):
+    # Keras' progress bar: 4 decimals, scientific below 1e-3.
+    value = float(value)
+    return f"{value:.4f}" if value == 0 or abs(value) > 1e-3 else f"{value:.4e}"
+
+
+class EpochProgress(keras.callbacks.Callback):
+    """One line per epoch, in the format of Keras' `fit(verbose=2)`, whole.
+
+    `Epoch 3/24 - 16 steps - 9s - 560ms/step - accuracy: 0.4512 - loss: ...`,
+    written with a single `write` and flushed, so lines of processes that
+    share a terminal never mix mid-line; `label` starts the line (e.g. the
+    method when several train side by side). Logs that carry nothing for
+    this model are left out: `synergy_loss` of a model without synergy
+    pairs (baseline, DS) and `skipped_steps` while no step was skipped.
+    Keras' own line is two lines (`Epoch k/n`, then the values) that another
+    process can split.
+
+    Args:
+        label: text before `Epoch` (None: none).
+        stream: where to write (default `sys.stdout`).
+
+    Example:
+    ```python
+    model.fit(train_ds, epochs=24, verbose=0,
+              callbacks=[EpochProgress(label="dks")])
+    # dks      Epoch 1/24 - 16 steps - 31s - 1938ms/step - accuracy: ...
+    ```
+    """
+
+    def __init__(self, label=None, stream=None):
+        super().__init__()
+        self.label = label
+        self.stream = stream
+        self._start = None
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+
+    def hidden(self, key, value):
+        """Whether a log entry carries nothing for this model."""
+        base = key[len("val_"):] if key.startswith("val_") else key
+        if base == "synergy_loss":
+            return not getattr(self.model, "pair_list", [None])
+        return base == "skipped_steps" and not value
+
+    def line(self, epoch, logs):
+        """The progress line of a finished epoch (without newline)."""
+        seconds = time.perf_counter() - (self._start or time.perf_counter())
+        parts = [f"Epoch {epoch + 1}/{self.params.get('epochs', '?')}"]
+        if self._steps:
+            parts.append(f"{self._steps} steps - {seconds:.0f}s - "
+                         f"{1000 * seconds / self._steps:.0f}ms/step")
+        parts += [f"{k}: {_format_value(v)}" for k, v in (logs or {}).items()
+                  if not self.hidden(k, v)]
+        text = " - ".join(parts)
+        return f"{self.label:<8} {text}" if self.label else text
+
+    def on_epoch_end(self, epoch, logs=None):
+        stream = self.stream or sys.stdout
+        stream.write(self.line(epoch, logs) + "\n")
+        stream.flush()
+
+
 def _has_tensorboard():
     # tf.summary needs the tensorboard package (tensorflow-cpu does not
     # require it); without it the TensorBoard callback would fail mid-epoch.
@@ -274,6 +346,130 @@ def _has_tensorboard():
 def write_json(path, obj):
     """Write `obj` as indented JSON, replacing `path` atomically."""
     utils.atomic_write_json(path, obj, indent=1, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------
+# Training: the steps shared by `train` and `train_srdl`
+# ---------------------------------------------------------------------------
+class RunFolder:
+    """The files of one training run in `model_dir` (None: no files).
+
+    `backup/` holds the resumable checkpoints, `epochs.jsonl` the per-epoch
+    log across restarts. Creating a `RunFolder` makes the folder and, when
+    no backup is there to resume from, drops the log of a finished run.
+    """
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        self.log_path = self.backup_dir = None
+        if model_dir:
+            os.makedirs(model_dir, exist_ok=True)
+            self.backup_dir = os.path.join(model_dir, "backup")
+            self.log_path = os.path.join(model_dir, "epochs.jsonl")
+            resuming = os.path.isdir(self.backup_dir) and bool(os.listdir(self.backup_dir))
+            if not resuming and os.path.exists(self.log_path):
+                os.remove(self.log_path)
+
+    def callbacks(self, meter, callbacks=(), verbose=2, label=None, epoch_offset=0,
+                  tensorboard_dir=None):
+        """The callbacks of one `fit`, in the order they must run.
+
+        The step guard's count and the non-finite stop come first, user
+        callbacks next (what they add to the logs is recorded and shown),
+        then the progress line, the epoch log and TensorBoard; the backup
+        comes last: a crash between log and backup repeats the epoch
+        (`read_epoch_log` keeps the last row), never loses it. The backup
+        itself is not included (see `train`).
+        """
+        found = [meter, optimizers_lib.SkippedStepsLogger(),
+                 callbacks_lib.StopOnNonFiniteLoss(raise_error=True)]
+        found += list(callbacks)
+        if verbose == 2:
+            found.append(EpochProgress(label=label))
+        if self.log_path:
+            found.append(EpochLog(self.log_path, offset=epoch_offset))
+        if tensorboard_dir:
+            found.append(keras.callbacks.TensorBoard(tensorboard_dir, write_graph=False))
+        return found
+
+    def logs(self, fallback):
+        """The per-epoch logs: the epoch log when there is one, else `fallback`."""
+        if self.log_path and os.path.exists(self.log_path):
+            return read_epoch_log(self.log_path)
+        return fallback
+
+
+def _array_pair(data):
+    """`(x, y)` when `data` is a pair of arrays (NumPy or tensors), else None."""
+    if isinstance(data, tuple) and len(data) == 2 and all(
+        isinstance(a, np.ndarray) or hasattr(a, "numpy") for a in data
+    ):
+        return data
+    return None
+
+
+def check_array_labels(model, data):
+    """Reject bad labels of array data before any step
+    (`keras_dks.losses.check_labels`); datasets are left to the in-graph
+    check, which gives a bad label a NaN target.
+
+    Args:
+        model: the model (its `num_classes`).
+        data: `(x, y)` arrays, or a dataset (nothing to check).
+
+    Raises:
+        ValueError: naming the first bad label and the fix.
+    """
+    pair = _array_pair(data)
+    if pair is not None:
+        losses_lib.check_labels(np.asarray(pair[1]), model.num_classes)
+
+
+def build_before_first_trace(model, data):
+    """Create the optimizer's and the compiled metrics' variables before
+    the first step is traced (TensorFlow, no distribution strategy).
+
+    Keras creates them inside the first trace of the step function, and
+    `tf.function` then traces a function that created variables a second
+    time; building them here halves the time to the first step. Under a
+    strategy Keras builds them itself, in the strategy's scope, and when the
+    label shape is unknown nothing is built here.
+
+    Args:
+        model: a compiled multi-head model (`DKSModel`).
+        data: `(x, y)` arrays or a dataset of `(x, y)` batches.
+    """
+    if tf.distribute.has_strategy() or model.distribute_strategy is not tf.distribute.get_strategy():
+        return
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    if all(getattr(m, "built", True) for m in model.metrics):
+        return
+    pair = _array_pair(data)
+    if pair is not None:
+        labels = np.asarray(pair[1])
+        shape, dtype = labels.shape[1:], labels.dtype
+    elif isinstance(data, tf.data.Dataset) and isinstance(data.element_spec, tuple) and len(
+            data.element_spec) >= 2 and isinstance(data.element_spec[1], tf.TensorSpec):
+        spec = data.element_spec[1]
+        shape, dtype = tuple(spec.shape[1:]), spec.dtype.as_numpy_dtype
+    else:
+        return
+    if None in shape:
+        return
+    heads = [np.zeros((1, model.num_classes), "float32") for _ in model.head_names]
+    model.compute_metrics(None, np.zeros((1,) + tuple(shape), dtype),
+                          heads if len(heads) > 1 else heads[0])
+    model.reset_metrics()
+
+
+def _fit_data(data, batch_size):
+    """`fit` / `evaluate` keyword arguments for a dataset or `(x, y)` arrays."""
+    pair = _array_pair(data)
+    if pair is None:
+        return {"x": data}
+    return {"x": pair[0], "y": pair[1], "batch_size": batch_size}
 
 
 def train(
@@ -289,6 +485,7 @@ def train(
     validation_freq=1,
     callbacks=(),
     verbose=2,
+    label=None,
     save_model=True,
     plot=True,
     title=None,
@@ -307,23 +504,32 @@ def train(
     - `curves.png`: per-head train/test error per epoch (paper Figure 1),
     - `model.keras`: the trained model.
 
-    Training stops with `FloatingPointError` on a non-finite loss term.
-    Under `MultiWorkerMirroredStrategy`, pass `worker_dir(model_dir)`.
+    Before training, array labels are checked (`check_array_labels`), the
+    optimizer's and metrics' variables are built
+    (`build_before_first_trace`) and, under `MultiWorkerMirroredStrategy`,
+    `keras_dks.distribute.multi_worker_model` is applied. Training stops
+    with `FloatingPointError` on a non-finite loss term or a skipped step
+    (`sgd` skips steps with non-finite gradients). Under
+    `MultiWorkerMirroredStrategy`, pass `worker_dir(model_dir)`.
 
     Args:
         model: a compiled `DKSModel`.
         train_data: batched training `tf.data.Dataset` (repeated when
-            `steps_per_epoch` is given).
-        eval_data: batched test dataset, evaluated every `validation_freq`
-            epochs and at the end (finite; `eval_steps` batches if given).
+            `steps_per_epoch` is given), or `(x, y)` arrays.
+        eval_data: batched test dataset (finite; `eval_steps` batches if
+            given) or `(x, y)` arrays, evaluated every `validation_freq`
+            epochs and at the end.
         epochs: number of epochs.
         steps_per_epoch: steps per epoch (None: one pass over `train_data`).
         eval_steps: test batches per evaluation (None: all).
         model_dir: output folder (None: write nothing).
-        batch_size: global batch size, for images/s.
+        batch_size: global batch size, for images/s (and the batch size of
+            array data).
         validation_freq: evaluate every this many epochs.
         callbacks: extra callbacks.
-        verbose: `fit` verbosity.
+        verbose: 0 silent, 1 Keras' progress bar, 2 one `EpochProgress`
+            line per epoch.
+        label: text that starts each progress line (e.g. the method).
         save_model, plot, tensorboard: write `model.keras`, `curves.png`,
             TensorBoard logs.
         title: title of the curves figure.
@@ -341,54 +547,41 @@ def train(
                    model_dir="runs/dks", batch_size=128)
     ```
     """
+    from keras_dks import distribute
+
+    check_array_labels(model, train_data)
+    run = RunFolder(model_dir)
     meter = Throughput()
-    all_callbacks = [meter]
     paths = {}
-    log_path = None
-    if model_dir:
-        os.makedirs(model_dir, exist_ok=True)
-        backup_dir = os.path.join(model_dir, "backup")
-        log_path = os.path.join(model_dir, "epochs.jsonl")
-        resuming = os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))
-        if not resuming and os.path.exists(log_path):
-            os.remove(log_path)  # a fresh run: drop the log of a finished one
-        backup = callbacks_lib.SafeBackupAndRestore(backup_dir)
-        stop = callbacks_lib.StopOnNonFiniteLoss(raise_error=True)
-        # User callbacks run first, so what they add to the logs is recorded;
-        # the log row is written before the backup: a crash in between
-        # repeats the epoch (read_epoch_log keeps the last row), never loses it.
-        all_callbacks += [stop] + list(callbacks) + [EpochLog(log_path)]
-        if tensorboard and _has_tensorboard():
-            paths["tensorboard"] = os.path.join(model_dir, "logs")
-            all_callbacks.append(
-                keras.callbacks.TensorBoard(paths["tensorboard"], write_graph=False)
-            )
-        all_callbacks.append(backup)
-    else:
-        all_callbacks += [callbacks_lib.StopOnNonFiniteLoss(raise_error=True)]
-        all_callbacks += list(callbacks)
+    if model_dir and tensorboard and _has_tensorboard():
+        paths["tensorboard"] = os.path.join(model_dir, "logs")
+    all_callbacks = run.callbacks(meter, callbacks, verbose=verbose, label=label,
+                                  tensorboard_dir=paths.get("tensorboard"))
+    if run.backup_dir:
+        all_callbacks.append(callbacks_lib.SafeBackupAndRestore(run.backup_dir))
+    distribute.multi_worker_model(model)
+    build_before_first_trace(model, train_data)
 
     start = time.perf_counter()
     history = model.fit(
-        train_data,
+        **_fit_data(train_data, batch_size),
         epochs=epochs,
         steps_per_epoch=steps_per_epoch,
         validation_data=eval_data,
         validation_steps=eval_steps,
         validation_freq=validation_freq,
         callbacks=all_callbacks,
-        verbose=verbose,
+        verbose=1 if verbose == 1 else 0,
         shuffle=False,  # the tf.data pipeline shuffles
     )
     wall = time.perf_counter() - start
-    logs = read_epoch_log(log_path) if log_path and os.path.exists(log_path) else history.history
-
     final = {}
     if eval_data is not None:
-        final = model.evaluate(eval_data, steps=eval_steps, verbose=0, return_dict=True)
+        final = model.evaluate(**_fit_data(eval_data, batch_size), steps=eval_steps, verbose=0,
+                               return_dict=True)
     return _report(
-        model, list(model.head_names), logs, final, wall, meter, batch_size, paths,
-        model_dir, plot, save_model, title,
+        model, list(model.head_names), run.logs(history.history), final, wall, meter,
+        batch_size, paths, model_dir, plot, save_model, title,
     )
 
 
@@ -441,6 +634,7 @@ def train_srdl(
     validation_freq=1,
     callbacks=(),
     verbose=2,
+    label=None,
     save_model=True,
     plot=True,
     title=None,
@@ -467,8 +661,9 @@ def train_srdl(
         steps_per_epoch: optimizer steps per epoch.
         optimizer_fn: `optimizer_fn(stage_steps) -> optimizer`.
         weight_decay: coupled L2 on all trainable variables.
-        model_dir, batch_size, validation_freq, callbacks, verbose,
-        save_model, plot, title: as in `train` (callbacks serve both stages).
+        model_dir, batch_size, validation_freq, callbacks, verbose, label,
+        save_model, plot, title: as in `train` (callbacks serve both stages;
+        the progress lines name the stage).
         strategy: `tf.distribute` strategy (None: the current one).
         jit_compile: compile the train step with XLA.
 
@@ -485,26 +680,16 @@ def train_srdl(
         model_dir="runs/srdl", batch_size=128)
     ```
     """
-    from keras_dks import methods
-
+    run = RunFolder(model_dir)
     meter = Throughput()
-    log_path = os.path.join(model_dir, "epochs.jsonl") if model_dir else None
-    backup_dir = os.path.join(model_dir, "backup") if model_dir else None
-    if model_dir:
-        os.makedirs(model_dir, exist_ok=True)
-        resuming = os.path.isdir(backup_dir) and bool(os.listdir(backup_dir))
-        if not resuming and os.path.exists(log_path):
-            os.remove(log_path)
     stage_epochs = epochs // 2
 
     def stage_callbacks(stage):
-        found = [meter, callbacks_lib.StopOnNonFiniteLoss(raise_error=True)]
-        found += list(callbacks)
-        if log_path:
-            found.append(_StageEpochLog(log_path, offset=(stage - 1) * stage_epochs))
-        return found
+        stage_label = f"{label} stage {stage}" if label else f"stage {stage}"
+        return run.callbacks(meter, callbacks, verbose=verbose, label=stage_label,
+                             epoch_offset=(stage - 1) * stage_epochs)
 
-    srdl = methods.SRDL(
+    srdl = methods_lib.SRDL(
         model_fn, epochs, optimizer_fn=optimizer_fn, metrics=["accuracy"],
         weight_decay=weight_decay, strategy=strategy,
         compile_kwargs={"jit_compile": jit_compile},
@@ -513,34 +698,21 @@ def train_srdl(
     histories = srdl.fit(
         train_data, validation_data=eval_data, steps_per_epoch=steps_per_epoch,
         extraction_data=extraction_data, callbacks=stage_callbacks,
-        checkpoint_dir=backup_dir, validation_freq=validation_freq, verbose=verbose,
+        checkpoint_dir=run.backup_dir, validation_freq=validation_freq,
+        verbose=1 if verbose == 1 else 0,
     )
     wall = time.perf_counter() - start
-    if log_path and os.path.exists(log_path):
-        logs = read_epoch_log(log_path)
-    else:  # both stages in a row
-        logs = {}
-        for history in histories:
-            for k, v in (history.history if history else {}).items():
-                logs.setdefault(k, []).extend(v)
+    both = {}  # both stages in a row, when there is no epoch log
+    for history in histories:
+        for k, v in (history.history if history else {}).items():
+            both.setdefault(k, []).extend(v)
     final = srdl.trainers[1].evaluate(eval_data, verbose=0, return_dict=True)
     result = _report(
-        srdl.model, ["main"], logs, final, wall, meter, batch_size, {}, model_dir, plot,
-        save_model, title,
+        srdl.model, ["main"], run.logs(both), final, wall, meter, batch_size, {}, model_dir,
+        plot, save_model, title,
     )
     result["model"] = srdl.model
     return result
-
-
-class _StageEpochLog(EpochLog):
-    """`EpochLog` numbering the epochs of SRDL's second stage after the first."""
-
-    def __init__(self, path, offset):
-        super().__init__(path)
-        self.offset = offset
-
-    def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch + self.offset, logs)
 
 
 # ---------------------------------------------------------------------------

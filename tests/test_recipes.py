@@ -23,7 +23,10 @@ def test_cifar_schedule_switches_at_the_first_step_of_epochs_60_120_160():
     schedule = recipes.step_schedule(0.1, SPE, (60, 120, 160), 0.2)
     assert isinstance(schedule, keras.optimizers.schedules.PiecewiseConstantDecay)
     opt = recipes.sgd(schedule)
-    assert opt.momentum == 0.9 and not opt.nesterov
+    # Guarded: a step with non-finite gradients is skipped as a whole.
+    assert isinstance(opt, keras_dks.optimizers.SkipNonFinite)
+    assert opt.inner_optimizer.momentum == 0.9 and not opt.inner_optimizer.nesterov
+    assert isinstance(recipes.sgd(schedule, skip_non_finite=False), keras.optimizers.SGD)
     expected = {
         0: 0.1,
         59 * SPE: 0.1,               # epoch 59 (0-based)
@@ -71,7 +74,8 @@ def test_imagenet_schedule_and_fractional_boundaries():
 def small_dks(method="dks", weight_decay=5e-4, **kwargs):
     keras.utils.set_random_seed(0)
     backbone = keras_dks.backbones.wide_resnet(10, 1, 5, input_shape=(16, 16, 3))
-    return recipes.build_model(method, backbone, weight_decay=weight_decay, seed=0, **kwargs)
+    return keras_dks.methods.build_model(method, backbone, weight_decay=weight_decay, seed=0,
+                                         **kwargs)
 
 
 def test_weight_decay_is_coupled_l2_on_every_trainable_variable():
@@ -104,17 +108,27 @@ def test_weight_decay_is_coupled_l2_on_every_trainable_variable():
 
 
 def test_build_model_methods():
+    # The recipes build with keras_dks.methods; recipes.build_model is a
+    # deprecated alias that builds the same model and names the new place.
     assert small_dks("baseline").head_names == ["main"]
     ds = small_dks("ds")
     assert ds.pair_list == [] and len(ds.head_names) == 3
-    dks = small_dks("dks")
-    assert len(dks.pair_list) == 6 and dks.weight_decay == 5e-4
-    top_down = small_dks("dks", pairs="top_down")
-    assert len(top_down.pair_list) == 3
+    backbone = keras_dks.backbones.wide_resnet(10, 1, 5, input_shape=(16, 16, 3))
+    for method, pairs in (("ds", 6), ("dks", 6), ("dhm", 6)):
+        with pytest.warns(DeprecationWarning, match="keras_dks.methods.build_model"):
+            old = recipes.build_model(method, backbone, weight_decay=5e-4)
+        new = small_dks(method)
+        assert type(old) is type(new) and old.head_names == new.head_names
+        assert old.pair_list == new.pair_list and len(new.pair_list) == (0 if method == "ds" else pairs)
+    assert len(small_dks("dks", pairs="top_down").pair_list) == 3
     dhm = small_dks("dhm")  # DHM's released code: every pair, every branch
     assert dhm.pair_keep_prob == 1.0 and dhm.branch_keep_prob == 1.0
     with pytest.raises(ValueError, match="SRDL"):
         small_dks("srdl")
+    with pytest.warns(DeprecationWarning, match="keras_dks.methods.MODEL_METHODS"):
+        assert recipes.METHODS == keras_dks.methods.MODEL_METHODS
+    with pytest.warns(DeprecationWarning, match="keras_dks.distribute.get_strategy"):
+        assert recipes.get_strategy("default") is tf.distribute.get_strategy()
 
 
 def tiny_data(n=16, seed=0):
@@ -156,6 +170,72 @@ def test_train_writes_history_curves_model_and_reports(tmp_path):
     assert line.startswith("RESULT tiny dks | test error main ")
     assert "aux_group1" in line and "wall 1h02m05s" in line and "123.4 images/s" in line
     assert "5000.0 images/s" in line
+
+
+class _Writes:
+    """A stream that keeps each `write` call apart."""
+
+    def __init__(self):
+        self.calls = []
+
+    def write(self, text):
+        self.calls.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_is_one_whole_line_per_epoch_without_empty_columns(monkeypatch):
+    stream = _Writes()
+    monkeypatch.setattr("sys.stdout", stream)
+    lines = {}
+    for method in ("baseline", "dks"):
+        stream.calls.clear()
+        model = small_dks(method)
+        model.compile(recipes.sgd(0.01), metrics=["accuracy"])
+        recipes.train(model, tiny_data(), tiny_data(), epochs=2, validation_freq=2,
+                      verbose=2, label=method, plot=False, save_model=False)
+        lines[method] = list(stream.calls)
+    for method, calls in lines.items():
+        # One write per epoch, a whole line labelled with the method.
+        assert len(calls) == 2, calls
+        for epoch, call in enumerate(calls, 1):
+            assert call.endswith("\n") and call.count("\n") == 1, call
+            assert call.startswith(f"{method:<8} Epoch {epoch}/2 - 2 steps - "), call
+            assert " - loss: " in call and " - accuracy: " in call
+        assert "val_accuracy: " in calls[1] and "val_" not in calls[0]
+        # No step was skipped: no skipped_steps column.
+        assert "skipped_steps" not in "".join(calls)
+    # The baseline has no synergy pairs and no auxiliary heads.
+    assert "synergy_loss" not in "".join(lines["baseline"])
+    assert "aux_" not in "".join(lines["baseline"])
+    assert all(" - synergy_loss: " in c and " - aux_group1_accuracy: " in c for c in lines["dks"])
+
+
+def test_train_checks_array_labels_before_any_step():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 16, 16, 3)).astype("float32")
+    model = small_dks()
+    model.compile(recipes.sgd(0.01), metrics=["accuracy"])
+    with pytest.raises(ValueError, match="label"):
+        recipes.train(model, (x, np.array([0, 1, 2, 3, 4, 5, 1, 2])), epochs=1, batch_size=4,
+                      verbose=0, plot=False, save_model=False)
+    assert int(model.optimizer.iterations) == 0
+    result = recipes.train(model, (x, rng.integers(0, 5, 8)), (x, rng.integers(0, 5, 8)),
+                           epochs=1, batch_size=4, verbose=0, plot=False, save_model=False)
+    assert int(model.optimizer.iterations) == 2 and set(result["head_errors"]) == set(model.head_names)
+
+
+def test_build_before_first_trace_creates_optimizer_and_metric_variables():
+    model = small_dks()
+    model.compile(recipes.sgd(0.01), metrics=["accuracy"])
+    assert not model.optimizer.built
+    recipes.build_before_first_trace(model, tiny_data())
+    assert model.optimizer.built and model.optimizer.inner_optimizer.built
+    compiled = [m for m in model.metrics if hasattr(m, "built")]  # the compiled metrics
+    assert compiled and all(m.built for m in compiled)
+    # Building left every metric at its start.
+    assert all(float(v) == 0 for m in model.metrics for v in m.variables)
 
 
 def test_epoch_log_survives_restarts(tmp_path):
