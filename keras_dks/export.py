@@ -24,10 +24,25 @@ Command line:
 
     python -m keras_dks.export --model model.keras --export_base exports/dks
     python -m keras_dks.export --model model.keras --format onnx --output model.onnx
+
+OpenVINO precision: the IR stores float32 weights, but OpenVINO's CPU plugin
+computes in bfloat16 by default on CPUs with native bfloat16 (AVX512-BF16 or
+AMX: `openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")` reads
+`bfloat16` there), which moves logits by ~1e-2. Load it in float32 with
+
+    openvino.Core().compile_model("model.xml", "CPU", OPENVINO_FLOAT32)
+
+(`OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32"}`). Nothing in the
+file can change that default: OpenVINO 2026.4's CPU plugin ignores
+`INFERENCE_PRECISION_HINT` and `EXECUTION_MODE_HINT` written into the IR's
+`runtime_options`, and the per-node `disable_fp16_compression` marks do
+not survive `save_model` / `read_model` (checked on a CPU with
+AVX512-BF16); only the configuration passed to `compile_model` does.
 """
 
 import argparse
-import importlib.util
+import importlib
+import json
 import numbers
 import os
 import re
@@ -39,13 +54,18 @@ import keras
 import tensorflow as tf
 
 INPUT_DTYPES = ("uint8", "float32")
+# The `compile_model` configuration that makes OpenVINO's CPU plugin compute
+# in float32 (its default is bfloat16 on CPUs with native bfloat16).
+OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32"}
 OUTPUT_NAMES = ("logits", "probabilities", "classes", "scores")
 # Keras' `Model.export` formats that run on the TensorFlow backend. "torch"
 # needs the PyTorch backend; this package trains on TensorFlow.
 FORMATS = ("tf_saved_model", "litert", "onnx", "openvino")
 # Python packages each format needs at export time (TensorFlow's own
 # converter writes LiteRT files; the `ai-edge-litert` runtime only loads them).
+# (pip and import names are the same for these three).
 _FORMAT_PACKAGES = {"onnx": ("tf2onnx", "onnx"), "openvino": ("openvino",)}
+_SUFFIXES = {"litert": ".tflite", "onnx": ".onnx", "openvino": ".xml"}
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -85,7 +105,10 @@ def export_inference(
       `optimizations=[tf.lite.Optimize.DEFAULT]`) pass through `**kwargs`.
     - `"onnx"`: a `.onnx` file, converted by `tf2onnx` (`onnxruntime`).
       `opset_version` passes through `**kwargs`.
-    - `"openvino"`: an OpenVINO IR `.xml` (+ `.bin`) (`openvino`).
+    - `"openvino"`: an OpenVINO IR `.xml` (+ `.bin`) (`openvino`). Its
+      CPU plugin computes in bfloat16 by default on CPUs with native
+      bfloat16; `compile_model(path, "CPU", OPENVINO_FLOAT32)` loads it in
+      float32 (see the module docstring).
 
     For a TF Serving layout with probabilities, top-k classes and baked-in
     preprocessing, use `export_saved_model`.
@@ -131,38 +154,9 @@ def export_inference(
     logits = session.run(None, {"images": images})[0]   # (2, 5)
     ```
     """
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            "export_inference needs the TensorFlow backend "
-            f"(KERAS_BACKEND=tensorflow); the backend is {keras.backend.backend()!r}."
-        )
-    if format == "torch":
-        raise ValueError(
-            'format="torch" needs the PyTorch backend (KERAS_BACKEND=torch); '
-            f"keras-dks trains on TensorFlow. Use one of {list(FORMATS)}."
-        )
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}.")
-    filepath = os.fspath(filepath)
-    if format != "tf_saved_model":
-        if _URL.match(filepath):
-            raise ValueError(
-                f'format="{format}" writes local files only, got {filepath!r}: '
-                "export to a local path, then copy the file (e.g. "
-                "`gcloud storage cp model.onnx gs://bucket/`)."
-            )
-        suffix = {"litert": ".tflite", "onnx": ".onnx", "openvino": ".xml"}[format]
-        if not filepath.endswith(suffix):
-            raise ValueError(
-                f'format="{format}" writes a `{suffix}` file; got {filepath!r}. '
-                f"Name the file `<name>{suffix}`."
-            )
-    for package in _FORMAT_PACKAGES.get(format, ()):
-        if importlib.util.find_spec(package) is None:
-            raise ImportError(
-                f'format="{format}" needs the `{package}` package: '
-                'pip install "keras-dks[export]".'
-            )
+    _require_tensorflow_backend("export_inference")
+    filepath = _check_format(format, os.fspath(filepath))
+    _require_converters(format)
     network = _float32_network(_serving_network(model))
     if input_signature is None:
         input_signature = [
@@ -183,6 +177,53 @@ def export_inference(
             **kwargs,
         )
     return filepath
+
+
+def _require_tensorflow_backend(what):
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(
+            f"{what} needs the TensorFlow backend (KERAS_BACKEND=tensorflow); "
+            f"the backend is {keras.backend.backend()!r}."
+        )
+
+
+def _check_format(format, filepath):
+    """`filepath` if `format` can write it, else a ValueError naming the fix."""
+    if format == "torch":
+        raise ValueError(
+            'format="torch" needs the PyTorch backend (KERAS_BACKEND=torch); '
+            f"keras-dks trains on TensorFlow. Use one of {list(FORMATS)}."
+        )
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}.")
+    if format == "tf_saved_model":
+        return filepath
+    if _URL.match(filepath):
+        raise ValueError(
+            f'format="{format}" writes local files only, got {filepath!r}: '
+            "export to a local path, then copy the file (e.g. "
+            "`gcloud storage cp model.onnx gs://bucket/`)."
+        )
+    suffix = _SUFFIXES[format]
+    if not filepath.endswith(suffix):
+        raise ValueError(
+            f'format="{format}" writes a `{suffix}` file; got {filepath!r}. '
+            f"Name the file `<name>{suffix}`."
+        )
+    return filepath
+
+
+def _require_converters(format):
+    """An ImportError naming the pip package when a converter is missing."""
+    for package in _FORMAT_PACKAGES.get(format, ()):
+        try:
+            importlib.import_module(package)
+        except ImportError as e:
+            raise ImportError(
+                f'format="{format}" needs the `{package}` package, which cannot '
+                f"be imported ({e}): pip install {package} (or pip install "
+                '"keras-dks[export]" for every export converter).'
+            ) from None
 
 
 def _write_keras_saved_model(network, filepath, input_signature, verbose, kwargs):
@@ -363,35 +404,67 @@ def export_saved_model(
     print(out["classes"].shape)  # (2, 3)
     ```
     """
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            "export_saved_model needs the TensorFlow backend "
-            f"(KERAS_BACKEND=tensorflow); the backend is {keras.backend.backend()!r}."
-        )
+    _require_tensorflow_backend("export_saved_model")
     _check_local(export_base)
     dtype = _check_input_dtype(input_dtype)
     version = _check_version(version)
+    _check_top_k(top_k)
+    _check_preprocessing(preprocessing)
+    network = _serving_network(model)
+    image_shape = _request_shape(network, preprocessing)
+    # Check the target before the (slow) tracing.
+    target = _version_folder(export_base, version, overwrite)
+    k = min(int(top_k), network.outputs[0].shape[-1])
+    serve = _serving_function(network, preprocessing, k)
+    archive = keras.export.ExportArchive()
+    # No archive.track(network): add_endpoint already saves every variable
+    # the endpoint uses (and built-in layers' lookup tables), and track()
+    # makes Keras 3.15 save each weight a second time, doubling the artifact
+    # and TF Serving's weight memory (keras-team/keras#23553).
+    # Naming the endpoint serving_default makes it the only signature (an
+    # endpoint "serve" would be exported twice, as "serve" and its alias).
+    fn = archive.add_endpoint(
+        "serving_default",
+        serve,
+        input_signature=[tf.TensorSpec(image_shape, dtype, name="images")],
+    )
+    # The reloaded SavedModel lists its weights (loaded.variables, ...),
+    # still stored once each.
+    _expose_variables(archive, fn)
+    _write_version(archive, target)
+    return target
+
+
+def _check_top_k(top_k):
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}.")
+
+
+def _check_preprocessing(preprocessing):
     if preprocessing is not None and not callable(preprocessing):
         raise ValueError(
             "preprocessing must be a keras Layer or a callable taking float32 "
             f"images; got {type(preprocessing).__name__}."
         )
-    network = _serving_network(model)
-    num_classes = network.outputs[0].shape[-1]
-    k = min(int(top_k), num_classes)
 
+
+def _request_shape(network, preprocessing):
+    """Shape of the signature's `images`: the model's input shape, or free
+    height and width when preprocessing comes first (which is built here,
+    outside the traced endpoint, where it could not create variables)."""
     image_shape = tuple(network.inputs[0].shape)
-    model_shape = image_shape
-    if preprocessing is not None:
-        image_shape = (None,) * (len(image_shape) - 1) + image_shape[-1:]
-        if isinstance(preprocessing, keras.layers.Layer) and not preprocessing.built:
-            # Build it outside the traced endpoint (variables cannot be
-            # created there); a symbolic call builds without computing.
-            preprocessing(keras.KerasTensor(image_shape, dtype="float32"))
+    if preprocessing is None:
+        return image_shape
+    image_shape = (None,) * (len(image_shape) - 1) + image_shape[-1:]
+    if isinstance(preprocessing, keras.layers.Layer) and not preprocessing.built:
+        # A symbolic call builds without computing.
+        preprocessing(keras.KerasTensor(image_shape, dtype="float32"))
+    return image_shape
 
-    # Check the target before the (slow) tracing.
+
+def _version_folder(export_base, version, overwrite):
+    """`<export_base>/<version>`; FileExistsError if it exists and not
+    `overwrite`."""
     export_base = os.path.abspath(os.fspath(export_base))
     if version is None:
         version = _next_version(export_base)
@@ -402,6 +475,13 @@ def export_saved_model(
             "omit it (the next free one is used) or pass overwrite=True (--overwrite "
             "on the command line) to replace it."
         )
+    return target
+
+
+def _serving_function(network, preprocessing, k):
+    """images -> {logits, probabilities, classes, scores}, all computed in
+    the signature."""
+    model_shape = tuple(network.inputs[0].shape)
 
     def serve(images):
         x = tf.cast(images, tf.float32)
@@ -425,32 +505,24 @@ def export_saved_model(
             "scores": scores,
         }
 
-    archive = keras.export.ExportArchive()
-    # No archive.track(network): add_endpoint already saves every variable
-    # the endpoint uses (and built-in layers' lookup tables), and track()
-    # makes Keras 3.15 save each weight a second time, doubling the artifact
-    # and TF Serving's weight memory (keras-team/keras#23553).
-    # Naming the endpoint serving_default makes it the only signature (an
-    # endpoint "serve" would be exported twice, as "serve" and its alias).
-    fn = archive.add_endpoint(
-        "serving_default",
-        serve,
-        input_signature=[tf.TensorSpec(image_shape, dtype, name="images")],
-    )
-    # The reloaded SavedModel lists its weights (loaded.variables, ...),
-    # still stored once each.
-    _expose_variables(archive, fn)
+    return serve
 
+
+def _write_version(archive, target):
+    """Write `archive` to `target` atomically: into a staging folder beside
+    it (same filesystem; its non-numeric name is ignored by TF Serving),
+    then renamed into place, restoring the old version if that fails."""
+    export_base = os.path.dirname(target)
     os.makedirs(export_base, exist_ok=True)
-    # Staging folder beside the target: same filesystem, so the final
-    # rename is atomic; its non-numeric name is ignored by TF Serving.
-    staging = tempfile.mkdtemp(prefix=f".staging-{version}-", dir=export_base)
+    staging = tempfile.mkdtemp(
+        prefix=f".staging-{os.path.basename(target)}-", dir=export_base
+    )
     try:
         # A sub-folder, not `staging` itself: mkdtemp's folder is mode 0700,
         # which a server running as another user could not read.
         written = os.path.join(staging, "model")
         archive.write_out(written, verbose=False)
-        if os.path.lexists(target):  # overwrite=True (checked above)
+        if os.path.lexists(target):  # overwrite=True (checked before)
             old = os.path.join(staging, "old")
             os.rename(target, old)
             try:
@@ -462,7 +534,6 @@ def export_saved_model(
             os.rename(written, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _check_image_size(x, model_shape):
@@ -581,9 +652,32 @@ def _serving_network(model):
 def main(argv=None):
     """`python -m keras_dks.export`: export a saved `.keras` model.
 
-    Exits with status 2 and a one-line `error: ...` on bad arguments, a
-    missing or unreadable model file, or a refused export.
+    Prints the path written (and, for OpenVINO, on stderr, the one line
+    that loads it in float32). Exits with status 2 and a one-line
+    `error: ...` on bad arguments, a missing or unreadable model file, or a
+    refused export.
+
+    Example:
+    ```python
+    from keras_dks.export import main
+    main(["--model", "model.keras", "--format", "onnx", "--output", "model.onnx"])
+    ```
     """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_cli_args(parser, args)
+    model = _load_model(parser, args.model)
+    try:
+        path = _export_from_cli(args, model)
+    except (ValueError, FileExistsError, ImportError) as e:
+        parser.exit(2, f"error: {e}\n")
+    print(path)
+    if args.format == "openvino":
+        print(_openvino_note(path), file=sys.stderr)
+    return path
+
+
+def _parser():
     parser = argparse.ArgumentParser(
         prog="python -m keras_dks.export",
         description="Export a .keras classifier (a DKSModel exports its main "
@@ -621,26 +715,30 @@ def main(argv=None):
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing version"
     )
-    args = parser.parse_args(argv)
-    serving = args.format == "serving"
-    if serving and args.export_base is None:
-        parser.error("--format serving needs --export_base")
-    if not serving:
+    return parser
+
+
+# Flags of --format serving, with their defaults.
+_SERVING_FLAGS = [
+    ("--export_base", "export_base", None),
+    ("--version", "version", None),
+    ("--input_dtype", "input_dtype", "uint8"),
+    ("--top_k", "top_k", 5),
+    ("--scale", "scale", None),
+    ("--offset", "offset", 0.0),
+    ("--overwrite", "overwrite", False),
+]
+
+
+def _check_cli_args(parser, args):
+    """Exit 2 (argparse's one-line error) on flags that do not fit --format."""
+    if args.format == "serving":
+        if args.export_base is None:
+            parser.error("--format serving needs --export_base")
+    else:
         if args.output is None:
             parser.error(f"--format {args.format} needs --output")
-        used = [
-            flag
-            for flag, value, default in [
-                ("--export_base", args.export_base, None),
-                ("--version", args.version, None),
-                ("--input_dtype", args.input_dtype, "uint8"),
-                ("--top_k", args.top_k, 5),
-                ("--scale", args.scale, None),
-                ("--offset", args.offset, 0.0),
-                ("--overwrite", args.overwrite, False),
-            ]
-            if value != default
-        ]
+        used = [f for f, key, default in _SERVING_FLAGS if getattr(args, key) != default]
         if used:
             parser.error(
                 f"{', '.join(used)} only apply to --format serving; --format "
@@ -649,40 +747,71 @@ def main(argv=None):
     if not os.path.isfile(args.model):
         parser.exit(2, f"error: no model file at {args.model!r} (--model takes a .keras file)\n")
 
-    import keras_dks  # noqa: F401  (registers DKSModel etc. for load_model)
 
+def _load_model(parser, path):
+    """The model in `path` (compile=False: export needs no optimizer, loss
+    or metrics); exit 2 with one line if it cannot be loaded."""
     try:
-        # compile=False: serving needs no optimizer, loss or metrics.
-        model = keras.models.load_model(args.model, compile=False)
+        _import_defining_modules(path)
+        return keras.models.load_model(path, compile=False)
     except Exception as e:  # a bad file: one line, not a traceback
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         parser.exit(
             2,
-            f"error: cannot load {args.model!r} as a Keras model "
+            f"error: cannot load {path!r} as a Keras model "
             f"({type(e).__name__}: {message}); --model takes a .keras file "
             "written by model.save\n",
         )
-    try:
-        if serving:
-            preprocessing = None
-            if args.scale is not None or args.offset:
-                scale = 1.0 if args.scale is None else args.scale
-                preprocessing = keras.layers.Rescaling(scale, args.offset)
-            path = export_saved_model(
-                model,
-                args.export_base,
-                args.version,
-                input_dtype=args.input_dtype,
-                preprocessing=preprocessing,
-                top_k=args.top_k,
-                overwrite=args.overwrite,
-            )
-        else:
-            path = export_inference(model, args.output, format=args.format, verbose=False)
-    except (ValueError, FileExistsError, ImportError) as e:
-        parser.exit(2, f"error: {e}\n")
-    print(path)
-    return path
+
+
+def _import_defining_modules(path):
+    """Import the modules of this package that define the classes a `.keras`
+    file names (the `module` fields of its config), so `load_model` finds
+    them registered; nothing else of the package is imported here."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        config = json.loads(archive.read("config.json"))
+    package = __name__.split(".")[0]
+    modules, stack = set(), [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            module = node.get("module")
+            if isinstance(module, str) and module.split(".")[0] == package:
+                modules.add(module)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    for module in sorted(modules):
+        importlib.import_module(module)
+
+
+def _export_from_cli(args, model):
+    if args.format != "serving":
+        return export_inference(model, args.output, format=args.format, verbose=False)
+    preprocessing = None
+    if args.scale is not None or args.offset:
+        scale = 1.0 if args.scale is None else args.scale
+        preprocessing = keras.layers.Rescaling(scale, args.offset)
+    return export_saved_model(
+        model,
+        args.export_base,
+        args.version,
+        input_dtype=args.input_dtype,
+        preprocessing=preprocessing,
+        top_k=args.top_k,
+        overwrite=args.overwrite,
+    )
+
+
+def _openvino_note(path):
+    return (
+        "note: OpenVINO's CPU plugin computes in bfloat16 by default on CPUs "
+        "with native bfloat16 (logits move by ~1e-2); load it in float32 with: "
+        f'openvino.Core().compile_model({path!r}, "CPU", '
+        '{"INFERENCE_PRECISION_HINT": "f32"})'
+    )
 
 
 if __name__ == "__main__":

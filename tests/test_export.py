@@ -17,6 +17,7 @@ import tensorflow as tf
 import keras_dks
 from helpers import tiny_backbone
 from keras_dks import DKSModel
+from keras_dks.export import OPENVINO_FLOAT32
 from keras_dks.export import export_saved_model
 
 # Its module-scoped fixtures run once: keep its tests on one xdist worker.
@@ -530,26 +531,29 @@ def trained(request):
 
 
 def make_trained(policy):
-    """A DKSModel with non-trivial weights, and its float32 reference.
+    """A DKSModel trained a few SGD steps under `policy`, and its float32
+    reference.
 
-    `mixed_bfloat16`: trained two steps under that policy. `float32`: random
-    weights, BatchNormalization statistics included (cheaper than tracing a
-    second training step; the export sees the same kind of model).
+    Training makes the weights and the BatchNormalization statistics
+    non-trivial (BN momentum 0.5 so 10 steps move the moving statistics
+    well away from their (0, 1) start; checked below).
     The reference is the same architecture built independently under the
     float32 policy and given the model's weights: the float32 numbers every
     export must reproduce (the mixed_bfloat16 graph itself is ~1e-3 off).
     """
     model = dks_model(policy)
-    if policy == "float32":
-        rng = np.random.default_rng(2)
-        model.set_weights(
-            [rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) if "variance" in v.path
-             else rng.normal(0, 0.3, w.shape).astype(w.dtype)
-             for v, w in zip(model.weights, model.get_weights())]
-        )
-    else:
-        model.compile(optimizer=keras.optimizers.SGD(0.1))
-        model.fit(TRAIN_X, TRAIN_Y, batch_size=4, epochs=1, verbose=0)
+    for layer in model.layers + model.backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.5
+    start = [w.copy() for w in model.get_weights()]
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    model.fit(TRAIN_X, TRAIN_Y, batch_size=4, epochs=5, verbose=0)
+    moved = [np.abs(a - b).max() for a, b in zip(model.get_weights(), start)]
+    # Every weight and BN statistic moved, except the stem conv's bias:
+    # BatchNormalization follows it and cancels its gradient.
+    assert sorted(moved)[1] > 1e-3, moved
+    stem_bn = model.backbone.get_layer("stem_bn")
+    assert np.abs(stem_bn.moving_mean.numpy()).max() > 0.05
     reference = dks_model("float32", seed=1)
     reference.set_weights(model.get_weights())
     reference = reference.inference_model()
@@ -633,10 +637,12 @@ def onnx_float_constants(path):
     }
 
 
-def run_openvino(path, x):
+def run_openvino(path, x, config=OPENVINO_FLOAT32):
+    """Logits of the IR at `path` on OpenVINO's CPU plugin; float32 unless
+    `config` is None (the plugin's default precision)."""
     import openvino
 
-    compiled = openvino.Core().compile_model(path, "CPU")
+    compiled = openvino.Core().compile_model(path, "CPU", config or {})
     return np.asarray(compiled(x)[0])
 
 
@@ -702,7 +708,67 @@ def test_dks_export_runs_in_each_runtime(tmp_path, trained, format):
         assert not [name for name in stored if "aux" in name], stored
         assert n - 200 < sum(stored.values()) <= n + 50, (sum(stored.values()), n)
     assert got.dtype == np.float32 and got.shape == (3, CLASSES)
+    # float32 in another summation order: ~1e-6 relative per reduction over
+    # 7 stages, logits O(1): 1e-4 is 10x that.
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("trained", ["float32"], indirect=True)
+def test_openvino_default_precision_is_bfloat16_only_where_the_cpu_has_it(tmp_path, trained):
+    """OpenVINO's CPU plugin picks its own precision when `compile_model`
+    gets no config: bfloat16 on CPUs with native bfloat16, float32
+    elsewhere. Checked on either kind of CPU."""
+    import openvino
+
+    _, model, reference = trained
+    target = model.export(str(tmp_path / "model.xml"), format="openvino", verbose=False)
+    core = openvino.Core()
+    native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    hint = str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    assert hint == ("<Type: 'bfloat16'>" if native_bf16 else "<Type: 'float32'>"), hint
+    x = np.random.default_rng(7).uniform(size=(16, SIZE, SIZE, 3)).astype("float32")
+    want = logits_of(reference, x)
+    default = run_openvino(target, x, config=None)
+    scale = np.abs(want).max()
+    if native_bf16:
+        # bfloat16 rounds each op's inputs and outputs to 8 mantissa bits
+        # (eps 2^-8); 7 rounding stages on the inference path (stem conv,
+        # BN, three convs, pooling, dense), each off by at most ~eps of the
+        # logits' scale: |error| <= 7 * 2^-8 * max|logit|.
+        bound = 7 * 2.0**-8 * scale
+        error = np.abs(default - want).max()
+        assert error <= bound, (error, bound)
+        # ... and the default is not float32: its error is far above
+        # float32's (~1e-6 relative), which the explicit config restores.
+        assert error > 1e-4 * scale, error
+        np.testing.assert_allclose(run_openvino(target, x), want, atol=1e-4, rtol=1e-4)
+    else:
+        # float32 by default; same 1e-4 as the float32 comparison above.
+        np.testing.assert_allclose(default, want, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_converter_raises_an_import_error_naming_the_package(tmp_path, monkeypatch, capsys):
+    """A converter that cannot be imported (simulated: `sys.modules[name] =
+    None` makes `import name` fail) gives an ImportError naming the pip
+    package, from the API and as a one-line CLI error."""
+    model = dks_model(seed=4)
+    for format, package, file in [
+        ("onnx", "tf2onnx", "m.onnx"),
+        ("openvino", "openvino", "m.xml"),
+    ]:
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, package, None)
+            with pytest.raises(ImportError, match=rf"needs the `{package}` package.*pip install {package}"):
+                model.export(str(tmp_path / file), format=format)
+    assert not os.listdir(tmp_path)  # refused before writing anything
+    classifier().save(tmp_path / "model.keras")
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)
+    code, out, err = run_main(
+        ["--model", str(tmp_path / "model.keras"), "--format", "onnx",
+         "--output", str(tmp_path / "m.onnx")], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: format=\"onnx\" needs the `tf2onnx` package")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_keras_track_still_stores_each_weight_twice(tmp_path):
