@@ -50,8 +50,24 @@ def test_fresh_initializer_gives_each_layer_its_own_values():
     m = keras.Model(inp, b)
     ka, kb = m.get_layer("a").kernel.numpy(), m.get_layer("b").kernel.numpy()
     assert not np.allclose(ka, kb)
-    # He-normal fan-in, untruncated: std sqrt(2 / 27) (loose check on 81 draws).
-    assert 0.5 * np.sqrt(2 / 27) < np.concatenate([ka, kb]).std() < 1.5 * np.sqrt(2 / 27)
+
+
+def test_default_conv_init_is_untruncated_he_normal_fan_in():
+    # A 3x3 conv 8 -> 32: fan_in 72, fan_out 288, n = 2304 weights.
+    # He fan-in std sqrt(2/72) = 0.167; He fan-out sqrt(2/288) = 0.083;
+    # Glorot-normal sqrt(2/360) = 0.075: ratios 2 and 2.2 to the He std.
+    # The sample std of n normal draws has relative sd 1/sqrt(2n) = 0.015;
+    # 5 of those (7.4 %) separates them by far.
+    inp = keras.Input((6, 6, 8))
+    model = keras.Model(inp, blocks.conv(inp, 32, 3, 1, "c", blocks.BlockConfig()))
+    kernel = model.get_layer("c").kernel.numpy()
+    n, he_std = kernel.size, np.sqrt(2.0 / 72)
+    assert abs(kernel.std() / he_std - 1) < 5 / np.sqrt(2 * n)
+    assert abs(kernel.mean()) < 5 * he_std / np.sqrt(n)
+    # Untruncated: Keras' truncated normal stops at 2 stds of its untruncated
+    # parent, 2 / 0.88 = 2.27 target stds; P(no |w| > 2.5 std in n draws)
+    # = (1 - 0.0124)^2304 < 1e-12.
+    assert np.abs(kernel).max() > 2.5 * he_std
 
 
 def test_block_config_replace_and_unknown_kind():
