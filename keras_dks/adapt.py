@@ -4,7 +4,9 @@ Everything `DKSModel` needs to turn a backbone into a multi-head network,
 as public functions, so other models (e.g. `keras_dks.methods.DHMModel`)
 build on them by composition:
 
-- `check_backbone` rejects what cannot be adapted, before any work.
+- `check_backbone` rejects what cannot be adapted, before any work;
+  `check_num_classes` and `ends_in_softmax` are the package's only class
+  count check and softmax detection.
 - `main_head` adds (or finds) the main classifier.
 - `resolve_taps` turns tap names into `Tap`s, deepest first. A `Tap` may
   also be built by hand around any tensor computed from the backbone's
@@ -19,6 +21,7 @@ Dependencies: `taps`, `blocks`, `heads` only.
 """
 
 import dataclasses
+import numbers
 import re
 import warnings
 
@@ -117,7 +120,7 @@ def check_backbone(backbone):
             "backbone must be a keras.Model (e.g. keras.applications."
             f"ResNet50(weights=None, include_top=False)); got {type(backbone)}."
         )
-    if not hasattr(backbone, "_nodes_by_depth") or not hasattr(backbone, "inputs"):
+    if not taps_lib.is_functional(backbone):
         raise ValueError(
             "DKSModel needs a functional backbone (built with keras.Input / "
             "keras.Model(inputs, outputs), a keras.applications model or a "
@@ -147,18 +150,94 @@ def check_backbone(backbone):
 
 
 def check_num_classes(num_classes):
-    """`num_classes` as an int >= 2, or None; a ValueError otherwise."""
+    """`num_classes` as an int >= 2 (None passes through); else a ValueError.
+
+    Args:
+        num_classes: the number of classes, a whole number (int, NumPy
+            integer or integral float such as `10.0`), or None.
+
+    Example:
+    >>> check_num_classes(10.0)
+    10
+    """
     if num_classes is None:
         return None
-    if isinstance(num_classes, bool) or not (
-        isinstance(num_classes, int) or float(num_classes).is_integer()
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, numbers.Real)
+        or not float(num_classes).is_integer()
     ):
         raise ValueError(
-            f"num_classes must be a whole number of classes, got {num_classes!r}."
+            f"num_classes must be a whole number of classes, got "
+            f"{num_classes!r}. Pass the number of label values, e.g. "
+            "num_classes=10 for labels 0..9."
         )
     if int(num_classes) < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}.")
+        raise ValueError(
+            f"num_classes must be >= 2, got {num_classes}: a softmax "
+            "classifier needs two classes or more. For a yes/no task pass "
+            "num_classes=2 with labels 0 and 1."
+        )
     return int(num_classes)
+
+
+def _output_operation(model):
+    # The operation computing a functional model's single output, or None.
+    outputs = model.outputs
+    if not outputs or len(outputs) != 1:
+        return None
+    for op, _, op_outputs in reversed(taps_lib.graph_nodes(model)):
+        if any(t is outputs[0] for t in op_outputs):
+            return op
+    return None
+
+
+def output_activation(model):
+    """`"softmax"` / `"sigmoid"` when that activation computes the model's
+    output (so it is not logits), else None (also when it cannot be known).
+
+    Looks at the layer or operation that makes the single output of a
+    functional or `Sequential` model (inside nested models too): a `Softmax`
+    layer, `keras.ops.softmax`, an `Activation` layer or any layer whose
+    `activation` is softmax (likewise sigmoid). Subclassed models: None.
+
+    Args:
+        model: a `keras.Model` or a layer.
+
+    Example:
+    ```python
+    inp = keras.Input((4,))
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax")(inp))
+    keras_dks.adapt.output_activation(model)   # "softmax"
+    ```
+    """
+    op = model
+    if isinstance(model, keras.Sequential):
+        return output_activation(model.layers[-1]) if model.layers else None
+    if isinstance(model, keras.Model):
+        if not taps_lib.is_functional(model):
+            return None
+        op = _output_operation(model)
+        if op is None or op is model:
+            return None
+        if isinstance(op, keras.Model):
+            return output_activation(op)
+    if type(op).__name__ in ("Softmax", "Sigmoid"):  # layers and keras.ops
+        return type(op).__name__.lower()
+    name = getattr(getattr(op, "activation", None), "__name__", None)
+    return name if name in ("softmax", "sigmoid") else None
+
+
+def ends_in_softmax(model):
+    """True when a softmax computes `model`'s output (see `output_activation`).
+
+    Example:
+    ```python
+    keras_dks.adapt.ends_in_softmax(keras.applications.MobileNetV2(
+        weights=None, input_shape=(32, 32, 3)))   # True
+    ```
+    """
+    return output_activation(model) == "softmax"
 
 
 def main_head(backbone, num_classes=None):
@@ -178,10 +257,10 @@ def main_head(backbone, num_classes=None):
     """
     num_classes = check_num_classes(num_classes)
     out = backbone.outputs[0]
-    layer = out._keras_history.operation
+    layer = _output_operation(backbone)
     activation = getattr(layer, "activation", None)
     act_name = getattr(activation, "__name__", str(activation))
-    if isinstance(layer, keras.layers.Softmax) or act_name == "softmax":
+    if ends_in_softmax(backbone):
         raise ValueError(
             f"The backbone's output layer {layer.name!r} applies softmax; "
             "DKSModel needs logits. Build it with include_top=False (DKSModel "
@@ -289,13 +368,21 @@ def resolve_taps(backbone, graph, taps, final=None):
         if tensor is final or pos is None or pos >= final_pos:
             raise ValueError(
                 f"Tap {tap!r} is at or after the backbone's final feature map "
-                f"({final._keras_history.operation.name!r}), where the main "
+                f"({graph.producer(final).name!r}), where the main "
                 "classifier already sits. Tap an earlier layer, e.g. one of "
                 f"{taps_lib.auto_taps(backbone, graph)}."
             )
         found.append((pos, Tap(tap, tensor)))
     found.sort(key=lambda f: -f[0])  # deepest first
     return [f[1] for f in found]
+
+
+def _all_layers(model):
+    # The layers of `model` and of the models nested in it.
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
 
 
 def block_style(backbone, sync_batchnorm=False):
@@ -315,7 +402,7 @@ def block_style(backbone, sync_batchnorm=False):
         # with synchronized=True.
         unsynced = [
             l.name
-            for l in backbone._flatten_layers(include_self=False)
+            for l in _all_layers(backbone)
             if isinstance(l, keras.layers.BatchNormalization) and not l.synchronized
         ]
         if unsynced:

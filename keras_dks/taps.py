@@ -30,6 +30,9 @@ import collections
 import math
 
 import keras
+from keras import tree
+
+from keras_dks import compat
 
 Stage = collections.namedtuple(
     "Stage", ["name", "tensor", "resolution", "channels", "num_blocks"]
@@ -47,11 +50,60 @@ Args:
 _MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
 
 
+def is_functional(model):
+    """True for a functional `keras.Model` (one with a graph of operations)."""
+    return isinstance(model, keras.Model) and hasattr(model, "operations")
+
+
+def _public_nodes(model):
+    """`(operation, inputs, outputs)` of each operation's first call, from
+    `model.operations` (topologically sorted), or None when first calls do
+    not make up the graph (a layer called more than once, or first called
+    outside this model)."""
+    known = {id(t) for t in model.inputs}
+    nodes = []
+    for op in model.operations:
+        try:
+            inputs, outputs = tree.flatten(op.input), tree.flatten(op.output)
+        except (AttributeError, ValueError):
+            return None
+        if any(id(t) not in known for t in inputs):
+            return None
+        known.update(id(t) for t in outputs)
+        nodes.append((op, inputs, outputs))
+    if any(id(t) not in known for t in model.outputs):
+        return None
+    return nodes
+
+
+def graph_nodes(model):
+    """Every call of an operation in a functional model, inputs first.
+
+    Returns:
+        A list of `(operation, input_tensors, output_tensors)` where every
+        tensor is produced before it is used.
+    """
+    nodes = _public_nodes(model)
+    if nodes is None:  # shared layers: only Keras' node table has them all
+        nodes = compat.graph_nodes(model)
+    return nodes
+
+
 class BackboneGraph:
-    """Topologically ordered view of a functional backbone's tensors."""
+    """Topologically ordered view of a functional backbone's tensors.
+
+    Args:
+        model: a functional `keras.Model`.
+
+    Example:
+    ```python
+    graph = keras_dks.taps.BackboneGraph(backbone)
+    [s.name for s in graph.stages()]
+    ```
+    """
 
     def __init__(self, model):
-        if not hasattr(model, "_nodes_by_depth"):
+        if not is_functional(model):
             raise ValueError(
                 "DKSModel needs a functional backbone (built with "
                 "keras.Input / keras.Model(inputs, outputs), a "
@@ -64,17 +116,15 @@ class BackboneGraph:
         self.layer_of = []
         self.pos = {}
         edges = []
-        for depth in sorted(model._nodes_by_depth, reverse=True):
-            for node in model._nodes_by_depth[depth]:
-                outs = list(node.outputs)
-                for t in outs:
-                    if id(t) not in self.pos:
-                        self.pos[id(t)] = len(self.tensors)
-                        self.tensors.append(t)
-                        self.layer_of.append(node.operation)
-                for t_in in node.input_tensors:
-                    for t in outs:
-                        edges.append((self.pos[id(t_in)], self.pos[id(t)]))
+        for operation, inputs, outputs in graph_nodes(model):
+            for t in outputs:
+                if id(t) not in self.pos:
+                    self.pos[id(t)] = len(self.tensors)
+                    self.tensors.append(t)
+                    self.layer_of.append(operation)
+            for t_in in inputs:
+                for t in outputs:
+                    edges.append((self.pos[id(t_in)], self.pos[id(t)]))
         far = [i for i in range(len(self.tensors))]
         for u, v in edges:
             far[u] = max(far[u], v)
@@ -86,7 +136,13 @@ class BackboneGraph:
             reach = max(reach, far[p])
 
     def position(self, tensor):
+        """Topological position of `tensor` in this graph, or None."""
         return self.pos.get(id(tensor))
+
+    def producer(self, tensor):
+        """The operation (layer) that computes `tensor`, or None."""
+        p = self.position(tensor)
+        return None if p is None else self.layer_of[p]
 
     def layer_output(self, name):
         """The output tensor of layer `name` in this graph, or None."""

@@ -45,8 +45,62 @@ def test_block_style_follows_the_backbone():
 def test_main_head_uses_a_linear_top_and_refuses_others():
     inp = keras.Input((8, 8, 3))
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inp))
-    logits, n = adapt.main_head(keras.Model(inp, keras.layers.Dense(7, name="top")(x)))
-    assert n == 7 and logits._keras_history.operation.name == "top"
-    with pytest.raises(ValueError, match="whole number"):
-        adapt.check_num_classes(2.5)
-    assert adapt.check_num_classes(3.0) == 3
+    net = keras.Model(inp, keras.layers.Dense(7, name="top")(x))
+    logits, n = adapt.main_head(net)
+    assert n == 7 and logits is net.get_layer("top").output
+
+
+@pytest.mark.parametrize("value", [2, 3.0, np.int64(10), np.float32(4.0)])
+def test_check_num_classes_accepts_whole_numbers(value):
+    result = adapt.check_num_classes(value)
+    assert result == int(value) and type(result) is int
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [(2.5, "whole number"), ("3", "whole number"), (True, "whole number"),
+     (float("nan"), "whole number"), (1, ">= 2"), (0, ">= 2"), (-3, ">= 2")],
+)
+def test_check_num_classes_names_the_fix(value, match):
+    with pytest.raises(ValueError, match=match) as info:
+        adapt.check_num_classes(value)
+    assert "num_classes=" in str(info.value)  # the message shows what to pass
+
+
+def _features():
+    inp = keras.Input((8, 8, 3))
+    return inp, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3)(inp))
+
+
+def test_ends_in_softmax_and_output_activation():
+    inp, x = _features()
+    dense = lambda act=None: keras.layers.Dense(3, activation=act)(x)
+    cases = {
+        "softmax": [
+            keras.Model(inp, dense("softmax")),
+            keras.Model(inp, keras.layers.Softmax()(dense())),
+            keras.Model(inp, keras.layers.Activation("softmax")(dense())),
+            keras.Model(inp, keras.ops.softmax(dense())),
+            keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")]),
+        ],
+        "sigmoid": [keras.Model(inp, dense("sigmoid"))],
+        None: [
+            keras.Model(inp, dense()),
+            keras.Model(inp, dense("relu")),
+            keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)]),
+        ],
+    }
+    # A model whose last operation is a nested softmax model.
+    inner = keras.Model(inp, dense("softmax"))
+    outer_in = keras.Input((8, 8, 3))
+    cases["softmax"].append(keras.Model(outer_in, inner(outer_in)))
+    for expected, models in cases.items():
+        for model in models:
+            assert adapt.output_activation(model) == expected, model.layers[-1]
+            assert adapt.ends_in_softmax(model) == (expected == "softmax")
+
+    class Subclassed(keras.Model):  # no graph: unknown, so not softmax
+        def call(self, x):
+            return keras.ops.softmax(x)
+
+    assert adapt.output_activation(Subclassed()) is None

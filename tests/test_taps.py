@@ -48,3 +48,42 @@ def test_subclassed_model_has_no_graph():
 
     with pytest.raises(ValueError, match="functional backbone"):
         taps.BackboneGraph(Sub())
+
+
+def _graph_summary(graph):
+    cut = {id(t): c for t, c in zip(graph.tensors, graph.is_cut)}
+    return (
+        cut,
+        [(s.name, s.resolution, s.channels, s.num_blocks) for s in graph.stages()],
+        taps.auto_taps(graph.model, graph),
+    )
+
+
+@pytest.mark.parametrize("name", ["ResNet50", "MobileNetV2"])
+def test_public_graph_equals_keras_node_table(name, monkeypatch):
+    """The graph read through public API (each operation's input / output)
+    has the cut points, stages and taps of Keras' own node table."""
+    net = getattr(keras.applications, name)(
+        weights=None, include_top=False, input_shape=(32, 32, 3)
+    )
+    public = taps.BackboneGraph(net)
+    assert taps._public_nodes(net) is not None  # the public route was taken
+    monkeypatch.setattr(taps, "_public_nodes", lambda model: None)
+    private = taps.BackboneGraph(net)
+    assert len(public.tensors) == len(private.tensors)
+    assert _graph_summary(public) == _graph_summary(private)
+
+
+def test_shared_layer_graph_uses_every_call():
+    """A layer called twice: its second call is only in Keras' node table."""
+    inp = keras.Input((8, 8, 3))
+    relu = keras.layers.ReLU(name="shared_relu")
+    x = relu(keras.layers.Conv2D(4, 3, padding="same", name="c1")(inp))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="c2")(x)
+    x = relu(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="c3")(x)
+    net = keras.Model(inp, x)
+    assert taps._public_nodes(net) is None
+    graph = taps.BackboneGraph(net)
+    assert len(graph.tensors) == 6  # input, c1, relu, c2, relu, c3
+    assert [s.resolution for s in graph.stages()] == [(8, 8), (4, 4), (2, 2)]
