@@ -4,8 +4,10 @@ from keras_dks import backbones
 from keras_dks import blocks
 from keras_dks import callbacks
 from keras_dks import distribute
+from keras_dks import draws
 from keras_dks import heads
 from keras_dks import losses
+from keras_dks import optimizers
 from keras_dks import taps
 from keras_dks.model import DKSModel
 from keras_dks import methods  # after DKSModel: methods subclasses it

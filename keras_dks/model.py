@@ -1,21 +1,13 @@
-"""`DKSModel`: a backbone trained with auxiliary heads and the synergy loss.
-
-The graph comes from `keras_dks.adapt`, every loss term from
-`keras_dks.losses`; this module wires them into a `keras.Model` whose
-`compute_loss` is the DKS loss, so Keras' own trainers run it on every
-backend. Per-head metrics, label checks and the backends' steps are in
-`keras_dks.trainer`, the keras-team/keras#20585 workaround in
-`keras_dks.distribute`.
-"""
+"""`DKSModel`: a backbone trained with auxiliary heads and the synergy loss."""
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_dks import adapt
-from keras_dks import distribute as distribute_lib
+from keras_dks import compat
+from keras_dks import draws
 from keras_dks import losses as losses_lib
-from keras_dks import trainer as trainer_lib
 
 
 def _as_list(logits):
@@ -24,9 +16,7 @@ def _as_list(logits):
 
 
 @keras.saving.register_keras_serializable(package="keras_dks")
-class DKSModel(
-    trainer_lib.DKSTrainerMixin, distribute_lib.MultiWorkerWorkaroundMixin, keras.Model
-):
+class DKSModel(keras.Model):
     """Deeply-supervised Knowledge Synergy (Sun et al., CVPR 2019).
 
     Wraps a backbone into a multi-output model: the main classifier plus
@@ -91,15 +81,13 @@ class DKSModel(
         seed: seed of the pair sampling.
         name: model name.
 
-    Training runs through Keras' own trainers: the loss is
-    `compute_loss` (all terms from `keras_dks.losses`, in `keras.ops`), so
-    `fit` / `evaluate` / `predict` work on the TensorFlow, JAX and PyTorch
-    backends. Per-head metrics, label checks and the backends' step
-    details (on TensorFlow a step whose gradients are not finite is skipped
-    and counted in `skipped_steps`) come from
-    `keras_dks.trainer.DKSTrainerMixin`. `tf.distribute` strategies and
-    SavedModel export are TensorFlow-only; on JAX use
-    `keras.distribution.DataParallel`.
+    Training runs through Keras' own trainers (`compute_loss` is the DKS
+    loss, in `keras.ops`), on TensorFlow, JAX and PyTorch. `compile(metrics=)`
+    tracks every metric for every head. Labels are checked in the graph: a
+    label `keras_dks.losses.check_labels` would reject gets a NaN target
+    (call `check_labels` yourself for a clear error on array labels). To
+    skip steps whose gradients are not finite, wrap the optimizer in
+    `keras_dks.optimizers.SkipNonFinite`.
 
     Example:
     ```python
@@ -107,8 +95,10 @@ class DKSModel(
     backbone = keras.applications.ResNet50(
         weights=None, include_top=False, input_shape=(64, 64, 3))
     model = keras_dks.DKSModel(backbone, num_classes=10, weight_decay=1e-4)
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras_dks.optimizers.SkipNonFinite(
+            keras.optimizers.SGD(0.1, momentum=0.9)),
+        metrics=["accuracy"])
     x = keras.random.uniform((8, 64, 64, 3))
     y = keras.random.randint((8,), 0, 10)
     model.fit(x, y, epochs=1, verbose=0)
@@ -198,11 +188,9 @@ class DKSModel(
             keras.metrics.Mean(name=f"{h}_ce_loss") for h in head_names[1:]
         ]
         self.synergy_loss_tracker = keras.metrics.Mean(name="synergy_loss")
-        self.skipped_steps_tracker = (
-            keras.metrics.Sum(name="skipped_steps")
-            if keras.backend.backend() == "tensorflow"
-            else None
-        )
+        self.draw_step = None
+        if self.pair_keep_prob < 1.0 and self.pair_list:
+            self.add_draw_step()
 
     # ------------------------------------------------------------------
     # Inference
@@ -253,9 +241,37 @@ class DKSModel(
         """Per-pair dropping mask of the current step, or None (all kept)."""
         if not training or self.pair_keep_prob >= 1.0 or not self.pair_list:
             return None
-        return losses_lib.pair_mask(
+        return draws.pair_mask(
             len(self.pair_list), self.pair_keep_prob, self.seed, self.step_counter()
         )
+
+    def add_draw_step(self):
+        """Give the model its `draw_step` counter (once): an int32
+        non-trainable weight that each training `compute_loss` advances by
+        one, read by every per-step draw (`step_counter`). Being a model
+        variable, Keras threads it through compiled JAX steps too, and it is
+        saved with the weights. `DKSModel` adds it when `pair_keep_prob < 1`;
+        methods with their own per-step draws (DHM) call it too.
+        """
+        if self.draw_step is None:
+            self.draw_step = self.add_weight(
+                shape=(),
+                dtype="int32",
+                initializer="zeros",
+                trainable=False,
+                aggregation="only_first_replica",  # one value on every replica
+                name="draw_step",
+            )
+        return self.draw_step
+
+    def step_counter(self):
+        """The step the per-step draws are keyed on: `draw_step` (training
+        steps run so far, equal to `optimizer.iterations` when no step was
+        skipped), or `optimizer.iterations` for a model without per-step
+        draws (per-epoch draws read it between steps)."""
+        if self.draw_step is not None:
+            return self.draw_step
+        return self.optimizer.iterations
 
     def regularization_loss(self):
         """Layer losses (`self.losses`) + coupled weight decay, float32
@@ -301,7 +317,8 @@ class DKSModel(
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """The DKS loss (Keras' extension point), scaled for `tf.distribute`.
 
-        Updates the `ce_loss`, `<head>_ce_loss` and `synergy_loss` trackers.
+        Updates the `ce_loss`, `<head>_ce_loss` and `synergy_loss` trackers;
+        in training, advances `draw_step` (after the step's draws).
         """
         if y is None:
             raise ValueError("DKSModel needs labels: pass (images, labels).")
@@ -312,7 +329,126 @@ class DKSModel(
         for tracker, value in zip(self.aux_ce_loss_trackers, terms["ce"][1:]):
             tracker.update_state(value, sample_weight=n)
         self.synergy_loss_tracker.update_state(terms["synergy"], sample_weight=n)
+        if training and self.draw_step is not None:
+            self.draw_step.assign_add(1)
         return losses_lib.scale_for_distribution(terms["loss"])
+
+    # ------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------
+    def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
+        """`keras.Model.compile`, with the DKS loss and per-head metrics.
+
+        Args:
+            optimizer: as for `keras.Model.compile`; wrap it in
+                `keras_dks.optimizers.SkipNonFinite` to skip steps with
+                non-finite gradients.
+            loss: must be None: the loss is set by the constructor
+                (`aux_weight`, `synergy_weight`, `label_smoothing`, `pairs`).
+            metrics: a list; every metric is tracked for every head as Keras
+                tracks it on a plain model (labels as passed to `fit`): the
+                main head under the plain name (`accuracy`), the auxiliary
+                heads prefixed with their name (`aux_conv4_block6_out_accuracy`).
+            **kwargs: the other `keras.Model.compile` arguments, except
+                `loss_weights` and `weighted_metrics`.
+        """
+        for arg, fix in (
+            ("loss_weights", "aux_weight / synergy_weight"),
+            ("weighted_metrics", "metrics"),
+        ):
+            if kwargs.pop(arg, None) is not None:
+                raise ValueError(
+                    f"DKSModel.compile does not take {arg}; use {fix} instead."
+                )
+        if loss is not None:
+            raise ValueError(
+                "DKSModel computes its own loss (per-head cross-entropy + synergy "
+                "loss); call compile(loss=None) and set aux_weight, "
+                "synergy_weight, label_smoothing and pairs on the DKSModel."
+            )
+        if isinstance(metrics, dict):
+            raise ValueError(
+                "DKSModel.compile takes a list of metrics, tracked for every "
+                "head; got a dict."
+            )
+        self.metric_specs = list(metrics) if metrics else []
+        per_head = None
+        if self.metric_specs:
+            # Metric objects hold state: each auxiliary head gets a copy.
+            per_head = {
+                h: [
+                    m.__class__.from_config(m.get_config())
+                    if (k and isinstance(m, keras.metrics.Metric))
+                    else m
+                    for m in self.metric_specs
+                ]
+                for k, h in enumerate(self.head_names)
+            }
+        super().compile(optimizer=optimizer, loss=None, metrics=per_head, **kwargs)
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config:
+            # The user's list, not the per-head copies compile made of it.
+            config["metrics"] = keras.saving.serialize_keras_object(
+                self.metric_specs or None
+            )
+        return config
+
+    def compile_from_config(self, config):
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            # Lets load_model restore the optimizer state (resumed training).
+            self.optimizer.build(self.trainable_variables)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Every head is scored against the same labels, as passed.
+        heads = _as_list(y_pred)
+        if len(heads) > 1:
+            y = {h: y for h in self.head_names}
+            y_pred = dict(zip(self.head_names, heads))
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def get_metrics_result(self):
+        results = super().get_metrics_result()
+        if len(self.head_names) > 1:
+            # Keras prefixes every output's metrics; the main head's keep
+            # their plain names.
+            results = {
+                (k[len("main_"):] if k.startswith("main_") else k): v
+                for k, v in results.items()
+            }
+        return results
+
+    if keras.backend.backend() == "tensorflow":
+        # JAX's and PyTorch's trainers take the loss from compute_loss in
+        # their own steps (their train_step has another signature).
+
+        def train_step(self, data):
+            """One training step on TensorFlow.
+
+            Forward pass and `compute_loss` under a `GradientTape`; the loss
+            tracker gets the loss unscaled for distribution, weighted by the
+            batch size (Keras' `loss` log); `optimizer.scale_loss` applies
+            mixed-precision loss scaling; the optimizer applies the
+            gradients (a `SkipNonFinite` optimizer may skip them); then the
+            metrics.
+            """
+            import tensorflow as tf
+
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x, y, y_pred, sample_weight, training=True)
+                compat.loss_tracker(self).update_state(
+                    losses_lib.unscale_for_distribution(loss),
+                    sample_weight=tf.shape(keras.tree.flatten(x)[0])[0],
+                )
+                scaled = self.optimizer.scale_loss(loss)
+            variables = self.trainable_variables
+            grads = tape.gradient(scaled, variables)
+            self.optimizer.apply_gradients(zip(grads, variables))
+            return self.compute_metrics(x, y, y_pred, sample_weight)
 
     # ------------------------------------------------------------------
     # Serialization

@@ -54,7 +54,7 @@ import numpy as np
 from keras import ops
 
 from keras_dks import adapt
-from keras_dks import losses as losses_lib
+from keras_dks import draws
 from keras_dks import taps as taps_lib
 from keras_dks.model import DKSModel
 
@@ -176,9 +176,7 @@ class RootSelector(keras.layers.Layer):
         counter)` (on TensorFlow `tf.random.stateless_uniform([],
         seed=[seed, counter])`).
         """
-        u = losses_lib.stateless_uniform((), self.seed, counter)
-        bounds = ops.convert_to_tensor(np.cumsum(self.probs)[:-1], "float32")
-        return ops.sum(ops.cast(u >= bounds, "int32"))
+        return draws.categorical(np.cumsum(self.probs), self.seed, counter)
 
     def current_index(self, training=False):
         """The candidate this layer feeds forward in the given mode."""
@@ -303,7 +301,7 @@ class RootResampler(keras.callbacks.Callback):
         return chosen, active
 
     def on_epoch_begin(self, epoch, logs=None):
-        counter = int(ops.convert_to_numpy(self.model.optimizer.iterations))
+        counter = int(ops.convert_to_numpy(self.model.step_counter()))
         chosen, active = self.resample(counter)
         self.choices.append((epoch, chosen))
         if active is not None:
@@ -589,6 +587,13 @@ class DHMModel(DKSModel):
         self._branch_probs = (
             [keep] * num_branches if isinstance(keep, float) else list(keep)
         )
+        if (self.samples_branches and branch_sampling == "step") or any(
+            sel.sampling == "step" for sel in self.root_selectors
+        ):
+            self.add_draw_step()
+        for sel in self.root_selectors:
+            # Per-step roots read the model's step counter.
+            sel._step_source = _StepSource(self)
         if self.samples_branches and branch_sampling == "epoch":
             # The mask of the current epoch; RootResampler assigns it.
             # "only_first_replica": one value, broadcast to every replica.
@@ -628,11 +633,7 @@ class DHMModel(DKSModel):
         counter])`), K the number of auxiliary heads, in `head_names[1:]`
         order.
         """
-        u = losses_lib.stateless_uniform(
-            (len(self._branch_probs),), self.branch_mask_seed, counter
-        )
-        probs = ops.convert_to_tensor(self._branch_probs, "float32")
-        return ops.cast(u < probs, "float32")
+        return draws.bernoulli_mask(self._branch_probs, self.branch_mask_seed, counter)
 
     def head_mask(self, training=False):
         """DHM's location indicators `I(l)` of this step: a 0/1 float32
@@ -658,13 +659,6 @@ class DHMModel(DKSModel):
             return dropped
         pairs = ops.stack([heads[s] * heads[t] for s, t in self.pair_list])
         return pairs if dropped is None else pairs * dropped
-
-    def compile(self, *args, **kwargs):
-        super().compile(*args, **kwargs)
-        # Per-step draws read the optimizer's step counter, like the pair
-        # mask, so they are identical on every replica.
-        for sel in self.root_selectors:
-            sel._step_source = _StepSource(self)
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, adding a `RootResampler` when something is
