@@ -47,6 +47,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_dks  # noqa: E402
+from keras_dks import methods  # noqa: E402
 from keras_dks import recipes  # noqa: E402
 from keras_dks.data import fashion_mnist  # noqa: E402
 from benchmarks import common  # noqa: E402
@@ -160,7 +161,7 @@ def run(method, seed, model_kwargs=None):
         model = result.pop("model")
         heads, params = ["main"], int(model.count_params())
     else:
-        model = recipes.build_model(
+        model = methods.build_model(
             method, backbone_fn(), weight_decay=FLAGS.weight_decay, seed=seed,
             **model_kwargs,
         )

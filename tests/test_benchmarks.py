@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from scipy import stats
+from scipy import stats as stats_module
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,12 +58,12 @@ def test_methods_of_a_seed_start_from_the_same_inference_network():
     import keras
 
     import keras_dks
-    from keras_dks import recipes
+    from keras_dks import methods
 
     def initial_weights(method):
         keras.utils.set_random_seed(5)
         backbone = keras_dks.backbones.wide_resnet(10, 1, 10, input_shape=(16, 16, 1))
-        model = recipes.build_model(method, backbone, weight_decay=5e-4, seed=5)
+        model = methods.build_model(method, backbone, weight_decay=5e-4, seed=5)
         return model.inference_model().get_weights()
 
     base = initial_weights("baseline")
@@ -111,12 +112,14 @@ def study_flags(tmp_path):
 
 
 def test_methods_of_a_seed_see_the_same_batches_in_the_same_order(study_flags, monkeypatch):
-    """The pairing claim for data: `accuracy.run` (its seeding, its datasets,
-    its model building) hands every method of one seed the same batches in
-    the same order, epoch after epoch; another seed gets another order."""
-    seen = {}
+    """The pairing claim, through `accuracy.run` itself (its seeding, its
+    datasets, its model building): every method of one seed gets the same
+    batches in the same order, epoch after epoch, and the same initial
+    backbone and main-classifier weights; another seed gets another order."""
+    seen, initial = {}, {}
 
     def recording_train(model, train_ds, test_ds, epochs, **kwargs):
+        initial[len(model.head_names)] = model.inference_model().get_weights()
         batches = []
         for _ in range(epochs):  # one pass per epoch, as fit makes
             batches.append([(x.numpy().copy(), y.numpy().copy()) for x, y in train_ds])
@@ -125,11 +128,13 @@ def test_methods_of_a_seed_see_the_same_batches_in_the_same_order(study_flags, m
                 "wall_seconds": 0.0, "train_images_per_second": 1.0}
 
     monkeypatch.setattr(accuracy.recipes, "train", recording_train)
-    orders = {}
+    orders, weights = {}, {}
     for method, seed in (("baseline", 3), ("dks", 3), ("ds", 3), ("baseline", 4)):
         seen.clear()
+        initial.clear()
         accuracy.run(method, seed)
         (batches,) = seen.values()
+        (weights[(method, seed)],) = initial.values()
         orders[(method, seed)] = batches
     base = orders[("baseline", 3)]
     assert len(base) == 3 and len(base[0]) == 6  # 48 images, batch 8
@@ -139,6 +144,9 @@ def test_methods_of_a_seed_see_the_same_batches_in_the_same_order(study_flags, m
             for (xa, ya), (xb, yb) in zip(epoch_a, epoch_b):
                 np.testing.assert_array_equal(ya, yb)
                 np.testing.assert_array_equal(xa, xb)
+        assert len(weights[(method, 3)]) == len(weights[("baseline", 3)])
+        for wa, wb in zip(weights[("baseline", 3)], weights[(method, 3)]):
+            np.testing.assert_array_equal(wa, wb)
 
     def label_order(batches):
         return [np.concatenate([y for _, y in epoch]).tolist() for epoch in batches]
@@ -159,3 +167,121 @@ def test_spread_verdict_calls_a_difference_only_without_overlap():
     assert common.spread_verdict(bf16, f32) == "b faster"
     assert common.spread_verdict(f32, bf16) == "a faster"
     assert common.spread_verdict([1.0, 1.2], [1.1, 1.3]).startswith("overlap")
+
+
+# --------------------------------------------------------------------------
+# The head-cost study's summary (benchmarks/head_cost.py), on synthetic runs
+# --------------------------------------------------------------------------
+RECIPE_CONFIG = {"augment": False, "batch_size": 64, "depth": 16, "epochs": 24, "eval_every": 4,
+                 "lr": 0.1, "threads": 1, "train_examples": 5000, "weight_decay": 0.0005,
+                 "width": 1}
+
+
+def _study_run(folder, method, seed, error, config, commit="5adc4f5"):
+    os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
+    record = {"method": method, "seed": seed, "config": config, "heads": ["main"],
+              "command": "python benchmarks/head_cost.py --threads 1",
+              "environment": {"git_commit": commit, "cpu": "cpu", "cpu_count": 2,
+                              "tensorflow": "2", "keras": "3"},
+              "test_error": {"main": error}, "wall_seconds_last_session": 1.0}
+    with open(os.path.join(folder, "runs", f"{method}_seed{seed}.json"), "w") as f:
+        json.dump(record, f)
+
+
+@pytest.fixture
+def head_cost():
+    from benchmarks import head_cost as module
+
+    return module
+
+
+@pytest.fixture
+def synthetic_study(tmp_path, head_cost):
+    """Baseline and authors' runs (5 seeds) and two designs' runs."""
+    rng = np.random.default_rng(1)
+    base_dir, study_dir = str(tmp_path / "n5000"), str(tmp_path / "study")
+    errors = {"baseline": 0.126 + 0.005 * rng.standard_normal(5)}
+    errors["authors"] = errors["baseline"] - 0.011 + 0.003 * rng.standard_normal(5)
+    errors["width_0.5"] = errors["baseline"] - 0.010 + 0.003 * rng.standard_normal(5)
+    errors["conv"] = errors["baseline"] - 0.001 + 0.003 * rng.standard_normal(5)
+    for seed in range(5):
+        _study_run(base_dir, "baseline", seed, errors["baseline"][seed], RECIPE_CONFIG)
+        _study_run(base_dir, "dks", seed, errors["authors"][seed], RECIPE_CONFIG)
+        for design in ("width_0.5", "conv"):
+            config = dict(RECIPE_CONFIG, model_kwargs=head_cost.DESIGNS[design])
+            _study_run(os.path.join(study_dir, design), "dks", seed, errors[design][seed], config)
+    return base_dir, study_dir, errors
+
+
+def test_head_cost_summary_pairs_every_design_with_the_baseline_and_the_authors(
+        synthetic_study, head_cost):
+    base_dir, study_dir, errors = synthetic_study
+    by_design, _ = head_cost.load_study(study_dir, base_dir, list(head_cost.DESIGNS))
+    flops = {n: {"train_flops_ratio": 1.0, "params_training": 1} for n in head_cost.DESIGNS}
+    stats = head_cost.summarise_study(by_design, flops)
+    for name in ("authors", "width_0.5", "conv"):
+        gain = stats[name]["gain"]
+        t = stats_module.ttest_rel(errors["baseline"], errors[name], alternative="greater")
+        np.testing.assert_allclose(gain["mean_gain"], np.mean(errors["baseline"] - errors[name]),
+                                   rtol=1e-12)  # float64 mean of 5 numbers
+        np.testing.assert_allclose(gain["p_one_sided"], t.pvalue, rtol=1e-10)
+        assert stats[name]["seeds_finished"] == 5
+    for name in ("width_0.5", "conv"):
+        t = stats_module.ttest_rel(errors["authors"], errors[name], alternative="greater")
+        np.testing.assert_allclose(stats[name]["vs_authors"]["p_one_sided"], t.pvalue, rtol=1e-10)
+        np.testing.assert_allclose(stats[name]["vs_authors"]["mean_gain"],
+                                   np.mean(errors["authors"] - errors[name]), rtol=1e-12)
+    # Designs not run yet are listed with 0 seeds and no verdict.
+    assert stats["depth_1"]["seeds_finished"] == 0
+    assert stats["depth_1"]["verdict"].startswith("incomplete")
+    assert stats["width_0.5"]["verdict"].startswith("keeps")
+    assert stats["conv"]["verdict"].startswith("loses")
+
+
+def test_head_cost_verdict_needs_every_seed(head_cost):
+    strong = accuracy.paired_comparison({0: 0.13, 1: 0.12}, {0: 0.11, 1: 0.10})
+    entry = {"seeds_finished": 2, "gain": strong, "vs_authors": strong}
+    assert head_cost.verdict(entry).startswith("incomplete (2 of 5")
+    lines = head_cost.conclusions({"authors": {"seeds_finished": 5, "verdict": "ref"},
+                                   "conv": dict(entry, verdict=head_cost.verdict(entry))})
+    assert any("evidence is incomplete" in line and "conv 2/5" in line for line in lines)
+    assert any(line.startswith("No cheaper default") for line in lines)
+
+
+def test_head_cost_summary_refuses_runs_of_another_configuration(synthetic_study, head_cost):
+    base_dir, study_dir, _ = synthetic_study
+    designs = list(head_cost.DESIGNS)
+    config = dict(RECIPE_CONFIG, epochs=12, model_kwargs=head_cost.DESIGNS["conv"])
+    _study_run(os.path.join(study_dir, "conv"), "dks", 7, 0.1, config)
+    with pytest.raises(ValueError, match="different configurations"):
+        head_cost.load_study(study_dir, base_dir, designs)
+    # All of a design's runs at another recipe than the baseline's.
+    for seed in (0, 1, 2, 3, 4, 7):
+        _study_run(os.path.join(study_dir, "conv"), "dks", seed, 0.1, config)
+    with pytest.raises(ValueError, match="must match the baseline"):
+        head_cost.load_study(study_dir, base_dir, designs)
+    # The right recipe, another head than the design's.
+    config = dict(RECIPE_CONFIG, model_kwargs={"head_width": 0.3})
+    for seed in (0, 1, 2, 3, 4, 7):
+        _study_run(os.path.join(study_dir, "conv"), "dks", seed, 0.1, config)
+    with pytest.raises(ValueError, match="design conv is"):
+        head_cost.load_study(study_dir, base_dir, designs)
+
+
+def test_head_cost_training_flops_grow_with_the_heads(head_cost, monkeypatch):
+    """Training-graph FLOPs on a small study-like network: the authors' heads
+    cost more than the baseline, and DS costs what DKS costs up to the
+    synergy loss (a few ops per logit). Narrower heads hold fewer parameters.
+    (About 3 s per FLOPs count, most of it TensorFlow's graph profiler.)"""
+    monkeypatch.setitem(head_cost.NETWORK, "depth", 10)
+    monkeypatch.setitem(head_cost.NETWORK, "input_shape", [16, 16, 1])
+    monkeypatch.setitem(head_cost.NETWORK, "batch", 8)
+    models = {name: head_cost.build_variant(*head_cost.cost_variants()[name])
+              for name in ("baseline", "ds", "authors", "width_0.25")}
+    flops = {name: head_cost.train_flops(models[name]) for name in ("baseline", "ds", "authors")}
+    assert flops["authors"] > 1.5 * flops["baseline"]  # heads of 2 taps at full width
+    # The synergy loss: 2 pairs x batch x classes softmax / log-softmax terms,
+    # well under 1 % of a training step of even this small network.
+    assert 0 <= flops["authors"] - flops["ds"] < 0.01 * flops["ds"]
+    params = {name: m.count_params() for name, m in models.items()}
+    assert params["baseline"] < params["width_0.25"] < params["authors"]
