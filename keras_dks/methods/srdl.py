@@ -22,6 +22,7 @@ batch 128, T = 3, budget M = 200 epochs for CIFAR ResNets and WRNs.
 `examples/cifar100_wrn.py --method srdl` use them.
 """
 
+import collections
 import contextlib
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_dks import adapt
 from keras_dks import distribute as distribute_lib
 from keras_dks import losses as losses_lib
 from keras_dks import utils
@@ -49,39 +51,14 @@ PAPER_RECIPE = {
     "temperature": 3.0,
 }
 
-_LABEL_ERROR = "keras_dks SRDL: label outside [0, num_classes)"
-
-
-def _probability_output(model):
-    """`"softmax"` / `"sigmoid"` if `model`'s output is made by that
-    activation (so it is not logits), else None (also when unknown)."""
-    if isinstance(model, keras.Sequential) and model.layers:
-        return _probability_output(model.layers[-1])  # built or not
-    op = model
-    if isinstance(model, keras.Model):
-        try:
-            outputs = model.outputs
-        except AttributeError:  # a subclassed model: unknown
-            return None
-        if not outputs or len(outputs) != 1:
-            return None
-        history = getattr(outputs[0], "_keras_history", None)
-        op = getattr(history, "operation", None)
-        if op is None or op is model:
-            return None
-        if isinstance(op, keras.Model):
-            return _probability_output(op)
-    if type(op).__name__ in ("Softmax", "Sigmoid"):  # layers and keras.ops
-        return type(op).__name__.lower()
-    activation = getattr(op, "activation", None)
-    for name in ("softmax", "sigmoid"):
-        if activation is getattr(keras.activations, name):
-            return name
-    return None
+_LABEL_ERROR = (
+    "keras_dks SRDL: a label is outside [0, num_classes), the output width "
+    "of the classifier; fix the labels or the classifier"
+)
 
 
 def _check_logits_model(model):
-    kind = _probability_output(model)
+    kind = adapt.output_activation(model)
     if kind:
         raise ValueError(
             f"SRDL needs a classifier that outputs logits, but {model.name!r} "
@@ -110,48 +87,21 @@ def _require_tensorflow(what):
     )
 
 
-def _label_range_message(num_classes, low=None, high=None):
-    found = f" (found labels from {low} to {high})" if low is not None else ""
-    return (
-        f"SRDL labels must be integer class indices in [0, {num_classes}), "
-        f"the classifier's output width{found}; the data contains a label "
-        "outside that range. Fix the labels or build the classifier with "
-        "the right number of classes."
-    )
-
-
-def _check_labels(labels, num_classes):
-    """Raise a ValueError for integer labels outside [0, num_classes)."""
-    labels = np.asarray(labels)
-    if num_classes is None or labels.size == 0:
-        return
-    if labels.ndim == 2 and labels.shape[-1] != 1:
-        return  # one-hot / soft labels (a custom loss): nothing to index
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not np.all(np.equal(np.mod(labels, 1), 0)):
-            raise ValueError(
-                "SRDL labels must be integer class indices; got non-integer "
-                f"values of dtype {labels.dtype}."
-            )
-    low, high = labels.min(), labels.max()
-    if low < 0 or high >= num_classes:
-        raise ValueError(_label_range_message(num_classes, int(low), int(high)))
-
-
-def _label_errors_as_value_error(method):
-    """The in-graph label check of `SRDLModel` as a ValueError naming the fix."""
-
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except tf.errors.InvalidArgumentError as e:
-            if _LABEL_ERROR not in str(e):
-                raise
-            raise ValueError(_label_range_message(_num_classes(self.model))) from None
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
+@contextlib.contextmanager
+def _label_errors_as_value_error(num_classes):
+    """Turn the in-graph label check of `SRDLModel` (an InvalidArgumentError
+    at the first bad batch of a dataset) into a ValueError naming the fix."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as e:
+        if _LABEL_ERROR not in str(e):
+            raise
+        raise ValueError(
+            f"SRDL labels must be integer class indices in [0, {num_classes}), "
+            "the classifier's output width; the data contains a label outside "
+            "that range. Fix the labels or build the classifier with the right "
+            "number of classes."
+        ) from None
 
 
 def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
@@ -326,11 +276,6 @@ class SRDLModel(keras.Model):
         ]
         with tf.control_dependencies(checks):
             return tf.identity(y)
-
-    fit = _label_errors_as_value_error(keras.Model.fit)
-    evaluate = _label_errors_as_value_error(keras.Model.evaluate)
-    train_on_batch = _label_errors_as_value_error(keras.Model.train_on_batch)
-    test_on_batch = _label_errors_as_value_error(keras.Model.test_on_batch)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -611,25 +556,68 @@ class SRDL:
         Returns:
             `[history_stage1, history_stage2]`.
         """
-        from keras_dks.callbacks import SafeBackupAndRestore
+        inputs = self._training_inputs(
+            x, y, batch_size, steps_per_epoch, num_examples, extraction_data, fit_kwargs
+        )
+        self.stage_steps = inputs.steps_per_epoch * self.stage_epochs
+        fit_kwargs = dict(
+            inputs.fit_data,
+            epochs=self.stage_epochs,
+            validation_data=validation_data,
+            verbose=verbose,
+            **fit_kwargs,
+        )
+        if steps_per_epoch is not None:  # else Keras runs full passes
+            fit_kwargs["steps_per_epoch"] = steps_per_epoch
+        checkpoint = _Stage1Checkpoint(checkpoint_dir)
 
+        net1, trainer1 = self._stage_trainer(1)
+        if self.loss is None and inputs.labels is not None:
+            losses_lib.check_labels(inputs.labels, _num_classes(net1))
+        if checkpoint.done():
+            table = checkpoint.load(net1)
+            history1 = None
+        else:
+            history1 = self._fit_stage(
+                trainer1, 1, callbacks, checkpoint_dir, fit_kwargs
+            )
+            # The stored knowledge: softmax(z / T) of every training example.
+            table = self.extract_soft_targets(
+                net1, inputs.extraction_data, inputs.num_examples
+            )
+            checkpoint.save(net1, table)
 
-        user_steps = steps_per_epoch
-        numpy_labels = None
+        net2, trainer2 = self._stage_trainer(2, stage1_net=net1, table=table)
+        history2 = self._fit_stage(trainer2, 2, callbacks, checkpoint_dir, fit_kwargs)
+        checkpoint.clear()
+
+        self.stage1_model, self.model = net1, net2
+        self.soft_targets = table
+        self.trainers = [trainer1, trainer2]
+        return [history1, history2]
+
+    def _training_inputs(
+        self, x, y, batch_size, steps_per_epoch, num_examples, extraction_data, fit_kwargs
+    ):
+        """What both stages train on, from a dataset or NumPy arrays.
+
+        Returns a `_TrainingInputs`: the `fit` data arguments, steps per
+        epoch (sizes the schedule), the table's rows, the extraction data
+        and the NumPy labels (None for a dataset).
+        """
         if isinstance(x, tf.data.Dataset):
             if y is not None:
                 raise ValueError("Pass labels inside the dataset, not as y.")
-            train = x
+            cardinality = int(x.cardinality())
             if steps_per_epoch is None:
-                card = int(x.cardinality())
-                if card <= 0:
+                if cardinality <= 0:
                     raise ValueError(
                         "The dataset's length is unknown or infinite: pass "
                         "steps_per_epoch so each stage's schedule has a known length."
                     )
-                steps_per_epoch = card
+                steps_per_epoch = cardinality
             if extraction_data is None:
-                if int(x.cardinality()) == tf.data.INFINITE_CARDINALITY:
+                if cardinality == tf.data.INFINITE_CARDINALITY:
                     raise ValueError(
                         "The training dataset repeats forever; pass "
                         "extraction_data (one finite pass over the examples) "
@@ -639,105 +627,60 @@ class SRDL:
             # Batches come as the pipeline orders them (shuffle it there);
             # Keras would otherwise warn that shuffle=True is ignored.
             fit_kwargs.setdefault("shuffle", False)
-            fit_data = dict(x=train)
-        else:
-            if y is None:
-                raise ValueError("NumPy inputs need labels: fit(images, labels).")
-            images = np.asarray(x)
-            n = len(images)
-            index = np.arange(n, dtype="int64")
-            batch_size = batch_size or 32
-            if steps_per_epoch is None:
-                steps_per_epoch = math.ceil(n / batch_size)
-            num_examples = num_examples or n
-            fit_data = dict(x=(images, index), y=np.asarray(y), batch_size=batch_size)
-            numpy_labels = np.asarray(y)
-            if extraction_data is None:
-                extraction_data = tf.data.Dataset.from_tensor_slices(
-                    ((images, index), np.asarray(y))
-                ).batch(batch_size)
-        self.stage_steps = int(steps_per_epoch) * self.stage_epochs
-        stage_callbacks = (
-            callbacks if callable(callbacks) else (lambda stage: list(callbacks or []))
-        )
-        common = dict(
-            epochs=self.stage_epochs,
-            validation_data=validation_data,
-            verbose=verbose,
-            **fit_kwargs,
-        )
-        if user_steps is not None:  # else Keras runs full passes
-            common["steps_per_epoch"] = user_steps
-
-        def stage_callbacks_with_backup(stage):
-            found = list(stage_callbacks(stage))
-            if checkpoint_dir:  # last: it saves what the others logged
-                found.append(
-                    SafeBackupAndRestore(os.path.join(checkpoint_dir, f"stage{stage}"))
-                )
-            return found
-
-        if checkpoint_dir:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            stage1_weights = os.path.join(checkpoint_dir, "stage1.weights.h5")
-            stage1_table = os.path.join(checkpoint_dir, "soft_targets.npy")
-        stage1_done = bool(checkpoint_dir) and os.path.exists(stage1_table)
-
-        # Stage 1: cross-entropy, complete schedule.
-        with self._scope():
-            net1 = self._new_model(1)
-            if numpy_labels is not None and self.loss is None:
-                _check_labels(numpy_labels, _num_classes(net1))
-            trainer1 = SRDLModel(
-                net1, temperature=self.temperature, weight_decay=self.weight_decay,
-                name="srdl_stage1",
+            return _TrainingInputs(
+                {"x": x}, int(steps_per_epoch), num_examples, extraction_data, None
             )
-            self._compile(trainer1, self.stage_steps)
-        if stage1_done:
-            net1.load_weights(stage1_weights)
-            table = np.load(stage1_table)
-            history1 = None
-        else:
-            history1 = trainer1.fit(
-                **fit_data, callbacks=stage_callbacks_with_backup(1), **common
-            )
-            # The stored knowledge: softmax(z / T) of every training example.
-            table = self.extract_soft_targets(net1, extraction_data, num_examples)
-            if checkpoint_dir:
-                # Weights first, the table last: its presence marks stage 1 done.
-                utils.atomic_write(stage1_weights, net1.save_weights, ".weights.h5")
-                utils.atomic_write(stage1_table, lambda p: np.save(p, table), ".npy")
+        if y is None:
+            raise ValueError("NumPy inputs need labels: fit(images, labels).")
+        images, labels = np.asarray(x), np.asarray(y)
+        index = np.arange(len(images), dtype="int64")
+        batch_size = batch_size or 32
+        if extraction_data is None:
+            extraction_data = tf.data.Dataset.from_tensor_slices(
+                ((images, index), labels)
+            ).batch(batch_size)
+        return _TrainingInputs(
+            {"x": (images, index), "y": labels, "batch_size": batch_size},
+            int(steps_per_epoch or math.ceil(len(images) / batch_size)),
+            num_examples or len(images),
+            extraction_data,
+            labels,
+        )
 
-        # Stage 2: fresh weights, fresh schedule, CE + T^2 KL.
+    def _stage_trainer(self, stage, stage1_net=None, table=None):
+        """The classifier of `stage` and its compiled `SRDLModel`: stage 1
+        on cross-entropy; stage 2 on fresh weights (or stage 1's without
+        `restart`) with the soft-target `table`."""
         with self._scope():
-            if self.restart:
-                net2 = self._new_model(2)
+            if stage == 1 or self.restart:
+                net = self._new_model(stage)
             else:
-                net2 = keras.models.clone_model(net1)
-                net2.set_weights(net1.get_weights())
-            trainer2 = SRDLModel(
-                net2,
+                net = keras.models.clone_model(stage1_net)
+                net.set_weights(stage1_net.get_weights())
+            trainer = SRDLModel(
+                net,
                 soft_targets=table,
                 temperature=self.temperature,
                 distill_weight=self.distill_weight,
                 weight_decay=self.weight_decay,
-                name="srdl_stage2",
+                name=f"srdl_stage{stage}",
             )
-            self._compile(trainer2, self.stage_steps)
-        history2 = trainer2.fit(
-            **fit_data, callbacks=stage_callbacks_with_backup(2), **common
-        )
-        if checkpoint_dir:  # finished: the next run starts afresh, as Keras'
-            for path in (stage1_table, stage1_weights):  # BackupAndRestore does
-                if os.path.exists(path):
-                    os.remove(path)
-            if not os.listdir(checkpoint_dir):
-                os.rmdir(checkpoint_dir)
+            self._compile(trainer, self.stage_steps)
+        return net, trainer
 
-        self.stage1_model, self.model = net1, net2
-        self.soft_targets = table
-        self.trainers = [trainer1, trainer2]
-        return [history1, history2]
+    def _fit_stage(self, trainer, stage, callbacks, checkpoint_dir, fit_kwargs):
+        """`trainer.fit` with the stage's callbacks (and, with a
+        `checkpoint_dir`, a backup of every epoch, last so it saves what
+        the others logged)."""
+        from keras_dks.callbacks import SafeBackupAndRestore
+
+        found = list(callbacks(stage) if callable(callbacks) else callbacks or [])
+        if checkpoint_dir:
+            found.append(
+                SafeBackupAndRestore(os.path.join(checkpoint_dir, f"stage{stage}"))
+            )
+        with _label_errors_as_value_error(_num_classes(trainer.model)):
+            return trainer.fit(callbacks=found, **fit_kwargs)
 
     def extract_soft_targets(self, model, data, num_examples=None):
         """softmax(model(images) / T) of every example, as an (n, C) array.
@@ -795,3 +738,45 @@ class SRDL:
                 "with every training example once."
             )
         return table
+
+
+_TrainingInputs = collections.namedtuple(
+    "_TrainingInputs",
+    ["fit_data", "steps_per_epoch", "num_examples", "extraction_data", "labels"],
+)
+
+
+class _Stage1Checkpoint:
+    """The outcome of stage 1 in `checkpoint_dir` (`stage1.weights.h5`,
+    then `soft_targets.npy`, whose presence marks stage 1 done); does
+    nothing without a `checkpoint_dir`."""
+
+    def __init__(self, checkpoint_dir):
+        self.dir = checkpoint_dir
+        if checkpoint_dir:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            self.weights = os.path.join(checkpoint_dir, "stage1.weights.h5")
+            self.table = os.path.join(checkpoint_dir, "soft_targets.npy")
+
+    def done(self):
+        return bool(self.dir) and os.path.exists(self.table)
+
+    def load(self, net):
+        net.load_weights(self.weights)
+        return np.load(self.table)
+
+    def save(self, net, table):
+        if self.dir:  # weights first, the table last
+            utils.atomic_write(self.weights, net.save_weights, ".weights.h5")
+            utils.atomic_write(self.table, lambda p: np.save(p, table), ".npy")
+
+    def clear(self):
+        """Finished: the next run starts afresh, as Keras' BackupAndRestore
+        does."""
+        if not self.dir:
+            return
+        for path in (self.table, self.weights):
+            if os.path.exists(path):
+                os.remove(path)
+        if not os.listdir(self.dir):
+            os.rmdir(self.dir)
