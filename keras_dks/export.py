@@ -53,6 +53,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
+from keras_dks import adapt
+
 INPUT_DTYPES = ("uint8", "float32")
 # The `compile_model` configuration that makes OpenVINO's CPU plugin compute
 # in float32 (its default is bfloat16 on CPUs with native bfloat16).
@@ -637,12 +639,9 @@ def _serving_network(model):
             f"Model {model.name!r} outputs shape {out.shape}; expected logits of "
             "shape (batch, num_classes)."
         )
-    history = getattr(out, "_keras_history", None)
-    layer = history.operation if history is not None else None
-    activation = getattr(getattr(layer, "activation", None), "__name__", None)
-    if isinstance(layer, keras.layers.Softmax) or activation == "softmax":
+    if adapt.ends_in_softmax(model):
         raise ValueError(
-            f"Model {model.name!r} ends in a softmax ({layer.name!r}); export "
+            f"Model {model.name!r} ends in a softmax; export "
             "needs logits (probabilities are computed in the signature). Build "
             "it with classifier_activation=None or drop the softmax."
         )

@@ -13,13 +13,13 @@ ROOT = os.path.dirname(keras_dks.__file__)
 
 # Lower layers first; a module may import only from its own or lower layers.
 # `callbacks` sits low: it needs only `utils`, and SRDL's two-stage driver
-# uses its SafeBackupAndRestore. `export` works on any Keras model (its CLI
-# imports the bare package only to register the classes for load_model), so
-# `DKSModel.export` may delegate to it.
+# uses its SafeBackupAndRestore. `export` works on any Keras model and needs
+# only `adapt` (is the output a softmax?); its CLI imports just the modules a
+# .keras file names. `DKSModel.export` may delegate to it.
 LAYERS = [
-    {"utils", "losses", "taps", "blocks", "distribute", "data", "callbacks", "export"},
+    {"utils", "losses", "taps", "blocks", "distribute", "data", "callbacks"},
     {"heads"},
-    {"adapt", "backbones"},
+    {"adapt", "backbones", "export"},
     {"model", "trainer"},
     {"methods"},
     {"recipes", "plots"},

@@ -87,9 +87,7 @@ def dks_kwargs(method, pairs=None, **overrides):
         if pairs not in (None, "none"):
             raise ValueError("DS has no synergy pairs; use method='dks'.")
         kwargs = {"pairs": "none"}
-    elif method == "dks":
-        kwargs = {"pairs": pairs or "bidirectional"}
-    else:
+    else:  # "dks", "dhm"
         kwargs = {"pairs": pairs or "bidirectional"}
     kwargs.update(overrides)
     return kwargs
