@@ -171,7 +171,7 @@ def run_dhm(loss_only=False):
         iterations = int(_np(model.optimizer.iterations))
         eager, draws = [], []
         for s in steps:
-            model.optimizer.iterations.assign(s)
+            model.step_counter().assign(s)  # the counter its draws are keyed on
             t = model.compute_dks_loss(y, model(x, training=True), training=True)
             eager.append(float(_np(t["loss"])))
             draws.append([_np(model.draw_branch_mask(s)).tolist(),

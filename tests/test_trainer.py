@@ -1,13 +1,25 @@
-"""keras_dks.trainer through DKSModel: compile checks, label checks, the train
-and test steps, per-head metrics and logs, skipped non-finite steps."""
+"""Training DKSModel through Keras' trainers: compile checks, labels in the
+graph, per-head metrics and logs, and steps skipped by SkipNonFinite.
+
+`python tests/test_trainer.py OUT.json` (with KERAS_BACKEND set) writes
+`_nan_step_run()`'s result, for the check on another backend.
+"""
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import keras
 
 import keras_dks
-from keras_dks import DKSModel
+from keras_dks import DKSModel, losses
+from keras_dks.optimizers import SkipNonFinite, SkippedStepsLogger
 from helpers import data, learnable_data, np_dks_loss, np_log_softmax, tiny_backbone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # --------------------------------------------------------------------------
@@ -19,46 +31,59 @@ def test_compile_rejects_loss():
         model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match="list of metrics"):
         model.compile(optimizer="sgd", metrics={"main": ["accuracy"]})
+    with pytest.raises(ValueError, match="aux_weight / synergy_weight"):
+        model.compile(optimizer="sgd", loss_weights=[1.0, 0.5, 0.5])
 
+
+def _bad_label_step(labels, x):
+    """(loss of one skipped train step, weights unchanged?, eval loss)."""
+    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
+    model.compile(optimizer=SkipNonFinite(keras.optimizers.SGD(0.1)))
+    before = [w.copy() for w in model.get_weights()]
+    logs = model.train_on_batch(x, labels, return_dict=True)
+    same = all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    ev = model.evaluate(x, labels, verbose=0, return_dict=True)
+    return logs["loss"], same, ev["loss"], int(model.optimizer.skipped_steps)
 
 
 @pytest.mark.parametrize("bad", [5, -1])
 def test_labels_out_of_range(bad):
-    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
-    model.compile(optimizer="sgd")
+    # check_labels names the range; inside a step the label's target is NaN,
+    # so the loss is NaN and SkipNonFinite skips the step.
     x, y = data(8)
     y[3] = bad
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
-        model.fit(x, y, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match=r"\[0, 5\)"):
-        model.evaluate(x, y, verbose=0)
-
+        losses.check_labels(y, 5)
+    loss, same, ev_loss, skipped = _bad_label_step(y, x)
+    assert np.isnan(loss) and np.isnan(ev_loss) and same and skipped == 1
 
 
 def test_float_labels_are_rejected_not_truncated():
-    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
-    model.compile(optimizer="sgd")
     x, y = data(8)
     yf = y.astype("float32")
-    model.fit(x, yf, verbose=0)  # integral floats are fine
+    losses.check_labels(yf, 5)  # integral floats are fine
+    loss, same, _, _ = _bad_label_step(yf, x)
+    assert np.isfinite(loss) and not same
     yf[2] = 2.5
     with pytest.raises(ValueError, match="2.5.*would be truncated"):
-        model.fit(x, yf, verbose=0)
-    with pytest.raises(ValueError, match="would be truncated"):
-        model.evaluate(x, yf, verbose=0)
+        losses.check_labels(yf, 5)
+    loss, same, ev_loss, skipped = _bad_label_step(yf, x)
+    assert np.isnan(loss) and np.isnan(ev_loss) and same and skipped == 1
 
 
-
-def test_soft_labels_must_sum_to_one():
-    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
-    model.compile(optimizer="sgd")
-    x, y = data(8)
+@pytest.mark.parametrize("row", ["sum_5", "negative", "nan"])
+def test_soft_labels_must_sum_to_one(row):
+    x, _ = data(8)
     soft = np.full((8, 5), 0.2, "float32")
-    model.fit(x, soft, verbose=0)
-    soft[4] = 1.0
-    with pytest.raises(ValueError, match=r"row 4 .*sum 5.*Normalise"):
-        model.fit(x, soft, verbose=0)
-
+    losses.check_labels(soft, 5)
+    loss, same, _, _ = _bad_label_step(soft, x)
+    assert np.isfinite(loss) and not same
+    soft[4] = {"sum_5": [1.0] * 5, "negative": [-0.2, 0.4, 0.4, 0.2, 0.2],
+               "nan": [np.nan, 0.25, 0.25, 0.25, 0.25]}[row]
+    with pytest.raises(ValueError, match=r"row 4 .*Normalise"):
+        losses.check_labels(soft, 5)
+    loss, same, ev_loss, skipped = _bad_label_step(soft, x)
+    assert np.isnan(loss) and np.isnan(ev_loss) and same and skipped == 1
 
 
 # --------------------------------------------------------------------------
@@ -66,15 +91,17 @@ def test_soft_labels_must_sum_to_one():
 # --------------------------------------------------------------------------
 def test_fit_lowers_loss_and_logs_every_head():
     model = DKSModel(tiny_backbone(bn=True), num_classes=3, head="conv")
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), metrics=["accuracy"])
+    model.compile(optimizer=SkipNonFinite(keras.optimizers.SGD(0.05, momentum=0.9)),
+                  metrics=["accuracy"])
     x, y = learnable_data()
-    history = model.fit(x, y, batch_size=16, epochs=6, verbose=0, validation_data=(x, y))
+    history = model.fit(x, y, batch_size=16, epochs=6, verbose=0, validation_data=(x, y),
+                        callbacks=[SkippedStepsLogger()])
     h = history.history
     expected = {
         "loss", "ce_loss", "aux_s2_ce_loss", "aux_s1_ce_loss", "synergy_loss",
         "accuracy", "aux_s2_accuracy", "aux_s1_accuracy",
     }
-    # skipped_steps: training steps whose gradients were not finite.
+    # skipped_steps: training steps of the epoch whose gradients were not finite.
     assert expected | {"val_" + k for k in expected} | {"skipped_steps"} == set(h)
     assert h["skipped_steps"] == [0.0] * 6
     assert h["loss"][-1] < 0.7 * h["loss"][0]
@@ -171,76 +198,143 @@ def test_per_head_logs_have_the_values_of_each_head():
 
 
 # --------------------------------------------------------------------------
-# Non-finite gradients
+# Non-finite gradients: SkipNonFinite skips the whole step
 # --------------------------------------------------------------------------
-def test_nan_image_skips_the_step_and_stops_training():
-    # No BatchNorm: a NaN input poisons the kernels' gradients only.
+def _values(variables):
+    return {v.path: np.array(keras.ops.convert_to_numpy(v)) for v in variables}
+
+
+def _nan_step_run():
+    """Three train steps of a BN-free DKSModel (SGD 0.1, momentum 0.9), a
+    NaN pixel in the second batch; then a fit logging skipped_steps."""
+    keras.utils.set_random_seed(0)
     model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
-    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    model.compile(optimizer=SkipNonFinite(keras.optimizers.SGD(0.1, momentum=0.9)))
+    x, y = data(12)
+    x[5, 3, 3, 0] = np.nan  # in the second batch of 4
+    model.train_on_batch(x[:4], y[:4])
+    weights, states = _values(model.weights), _values(model.optimizer.variables)
+    second = model.train_on_batch(x[4:8], y[4:8], return_dict=True)
+    after_weights = _values(model.weights)
+    after_states = _values(model.optimizer.variables)
+    out = {
+        "second_loss": float(second["loss"]),
+        "changed_weights": [p for p in weights
+                            if not np.array_equal(weights[p], after_weights[p])],
+        "changed_states": [p for p in states
+                           if not np.array_equal(states[p], after_states[p])],
+        "momentum_nonzero": int(sum(np.abs(v).sum() > 0 for p, v in states.items()
+                                    if "momentum" in p)),
+        "skipped_after_second": int(keras.ops.convert_to_numpy(model.optimizer.skipped_steps)),
+        "iterations_after_second": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+    }
+    model.train_on_batch(x[8:], y[8:])
+    out["iterations_after_third"] = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    out["third_moved"] = any(not np.array_equal(after_weights[p], v)
+                             for p, v in _values(model.weights).items())
+    out["finite"] = all(np.isfinite(v).all() for v in _values(model.weights).values())
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False,
+                        callbacks=[SkippedStepsLogger()])
+    out["fit_skipped_steps"] = history.history["skipped_steps"]
+    out["iterations_after_fit"] = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    return out
+
+
+def _check_nan_step(r):
+    # The skipped step changed no weight and no optimizer variable but the
+    # skip count (momentum was non-zero: zero gradients would have moved
+    # the weights by it).
+    assert r["momentum_nonzero"] > 0
+    assert r["changed_weights"] == [], r["changed_weights"]
+    assert r["changed_states"] == ["skip_non_finite/skipped_steps"], r["changed_states"]
+    assert r["skipped_after_second"] == 1
+    assert r["iterations_after_second"] == 1 and r["iterations_after_third"] == 2
+    assert r["third_moved"] and r["finite"]
+    # fit: one skipped step per epoch (the NaN batch), 2 applied steps each.
+    assert r["fit_skipped_steps"] == [1.0, 1.0]
+    assert r["iterations_after_fit"] == 2 + 2 * 2
+
+
+def test_nan_image_skips_the_step():
+    _check_nan_step(_nan_step_run())
+
+
+def test_nan_image_skips_the_step_on_jax(tmp_path):
+    out = tmp_path / "jax.json"
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.path.dirname(HERE))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["backend"] == "jax"
+    _check_nan_step(r)
+
+
+def test_nan_image_stops_training_naming_the_batch():
+    model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
+    model.compile(optimizer=SkipNonFinite(keras.optimizers.SGD(0.1)))
     x, y = data(16)
     x[9, 3, 3, 0] = np.nan  # in the third batch of 4
-    before = [w.copy() for w in model.get_weights()]
     model.fit(x[:8], y[:8], batch_size=4, verbose=0, shuffle=False)
-    after_good = [w.copy() for w in model.get_weights()]
     stop = keras_dks.callbacks.StopOnNonFiniteLoss()
     h = model.fit(x, y, batch_size=4, epochs=3, verbose=0, shuffle=False,
-                  callbacks=[stop])
+                  callbacks=[SkippedStepsLogger(), stop])
     assert all(np.isfinite(w).all() for w in model.get_weights())
     assert stop.message is not None and "the step was skipped" in stop.message
     assert "epoch 1, batch 3" in stop.message, stop.message
-    assert stop.step == 2 + 3  # two earlier steps + three steps of this fit
+    assert stop.step == 2 + 2  # applied steps: two earlier, two in this fit
     assert len(h.history["loss"]) == 1  # stopped in the first epoch
-    assert any(not np.allclose(a, b) for a, b in zip(before, after_good))
 
 
 # --------------------------------------------------------------------------
-# One trace per step function
+# Per-head metrics against NumPy
 # --------------------------------------------------------------------------
-class _CountingDKS(DKSModel):
-    """Counts Python executions of the steps (= tf.function traces)."""
-
-    traces = None
-
-    def train_step(self, data):
-        self.traces["train"] += 1
-        return super().train_step(data)
-
-    def test_step(self, data):
-        self.traces["test"] += 1
-        return super().test_step(data)
+def _np_topk(z, labels, k):
+    top = np.argsort(-z, axis=-1)[:, :k]
+    return float(np.mean([labels[i] in top[i] for i in range(len(labels))]))
 
 
 @pytest.mark.parametrize("source", ["arrays", "dataset", "onehot_dataset"])
-def test_fit_traces_each_step_function_once(source):
-    """The optimizer's and the metrics' variables exist before the first
-    trace: Keras alone creates them in it, and tf.function then traces the
-    step again. Metrics keep working (int and one-hot labels)."""
+def test_metrics_of_every_head_match_numpy(source):
+    """Epoch metrics of every head (int and one-hot labels, arrays and
+    datasets) equal NumPy's accuracy and top-2 accuracy of that head's
+    logits from predict (lr 0 and no BatchNorm: the model does not change)."""
     import tensorflow as tf
 
-    model = _CountingDKS(tiny_backbone(), num_classes=3, head="simple")
-    model.traces = {"train": 0, "test": 0}
-    extra = (keras.metrics.AUC(name="extra") if source == "onehot_dataset"
-             else keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="extra"))
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy", extra])
+    model = DKSModel(tiny_backbone(), num_classes=3, head="simple")
+    top2 = (keras.metrics.TopKCategoricalAccuracy(k=2, name="top2")
+            if source == "onehot_dataset"
+            else keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2"))
+    model.compile(optimizer=keras.optimizers.SGD(0.0), metrics=["accuracy", top2])
     x, y = learnable_data(32)
     if source == "arrays":
         kwargs = dict(x=x, y=y, batch_size=8)
     else:
         labels = np.eye(3, dtype="float32")[y] if source == "onehot_dataset" else y
         kwargs = dict(x=tf.data.Dataset.from_tensor_slices((x, labels)).batch(8))
-    h = model.fit(**kwargs, epochs=2, verbose=0)
-    assert model.traces["train"] == 1
-    assert int(model.optimizer.iterations) == 8
-    model.evaluate(**kwargs, verbose=0)
-    assert model.traces["test"] == 1
-    for key in ("accuracy", "aux_s2_accuracy", "extra", "aux_s2_extra"):
-        assert all(0.0 <= v <= 1.0 for v in h.history[key]), (key, h.history[key])
+    h = model.fit(**kwargs, epochs=2, verbose=0).history
+    ev = model.evaluate(**kwargs, verbose=0, return_dict=True)
+    logits = model.predict(x, verbose=0)
+    for name, z in zip(model.head_names, logits):
+        prefix = "" if name == "main" else f"{name}_"
+        acc = float(np.mean(np.argmax(z, -1) == y))
+        top = _np_topk(z, y, 2)
+        # Counts over 32 examples: exact up to float32 rounding of the mean.
+        for logs in (h, ev):
+            got_acc = logs[prefix + "accuracy"]
+            got_top = logs[prefix + "top2"]
+            for g_acc, g_top in zip(np.atleast_1d(got_acc), np.atleast_1d(got_top)):
+                np.testing.assert_allclose(g_acc, acc, atol=1e-6, err_msg=name)
+                np.testing.assert_allclose(g_top, top, atol=1e-6, err_msg=name)
+    # The heads differ, so a metric fed from the wrong head would show.
+    assert len({tuple(np.argmax(z, -1)) for z in logits}) > 1
 
 
 def test_first_train_on_batch_metrics_count_only_its_batch():
-    """Metrics built before the first trace (from a dummy batch, then reset)
-    score exactly the first batch: each head's accuracy is NumPy's on the
-    (BN-free) network's predictions before the step."""
+    """The first train_on_batch's metrics score exactly its batch: each
+    head's accuracy is NumPy's on the (BN-free) network's predictions before
+    the step."""
     model = DKSModel(tiny_backbone(), num_classes=3, head="simple")
     model.compile(optimizer=keras.optimizers.SGD(0.1), metrics=["accuracy"])
     x, y = learnable_data(16)
@@ -249,3 +343,10 @@ def test_first_train_on_batch_metrics_count_only_its_batch():
     for name, z in zip(model.head_names, before):
         key = "accuracy" if name == "main" else f"{name}_accuracy"
         np.testing.assert_allclose(logs[key], np.mean(z.argmax(-1) == y), atol=1e-6)
+
+
+if __name__ == "__main__":
+    result = _nan_step_run()
+    result["backend"] = keras.backend.backend()
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f)
