@@ -192,10 +192,13 @@ def measure(config):
         m.train_on_batch(x, y)
         m.train_on_batch(x, y)
     times = {v: [] for v in models}
+    print(f"cost: {config}: train-step rounds", flush=True)
+    bar = keras.utils.Progbar(FLAGS.rounds * len(models), unit_name="timing")
     for r in range(FLAGS.rounds):
         for v in _rotated(list(models), r):
             t, _ = common.median_time(lambda: models[v].train_on_batch(x, y), FLAGS.steps, warmup=1)
             times[v].append(t)
+            bar.add(1, values=[("round", r + 1)])
     step = {v: float(np.median(t)) for v, t in times.items()}
     flops = {v: train_graph_flops(m, config) for v, m in models.items()}
 
@@ -217,7 +220,12 @@ def measure(config):
     t_plain, t_serving, t_saved = (
         float(np.median(lat[k])) for k in ("plain", "inference_model", "saved_model")
     )
-    rss = {v: peak_memory(config, v) for v in VARIANTS}
+    print(f"cost: {config}: peak memory, a fresh process per variant", flush=True)
+    rss = {}
+    bar = keras.utils.Progbar(len(VARIANTS), unit_name="variant")
+    for v in VARIANTS:
+        rss[v] = peak_memory(config, v)
+        bar.add(1)
     t_synergy = synergy_seconds(config)
     extra = {}
     if CONFIGS[config][1] == (32, 32, 3):  # the CIFAR pipeline feeds this one

@@ -74,13 +74,15 @@ def measure(config):
         for _ in range(2):
             model.train_on_batch(x, y)
     rates = {p: [] for p in models}
-    for _ in range(FLAGS.rounds):
+    bar = keras.utils.Progbar(FLAGS.rounds * len(models), unit_name="timing")
+    for r in range(FLAGS.rounds):
         for policy, model in models.items():
             start = time.perf_counter()
             for _ in range(FLAGS.steps):
                 loss = model.train_on_batch(x, y)
             float(np.asarray(loss).ravel()[0])  # wait for the last step
             rates[policy].append(FLAGS.steps * batch / (time.perf_counter() - start))
+            bar.add(1, values=[("round", r + 1)])
     speedups = [b / f for f, b in zip(rates["float32"], rates["mixed_bfloat16"])]
     return {
         "images_per_second": rates,
@@ -97,8 +99,13 @@ def measure(config):
 
 def main(argv):
     del argv
-    results = {name: measure(config) for name, config in CONFIGS.items()}
+    load_start = common.load_average()
+    results = {}
+    for name, config in CONFIGS.items():
+        print(f"precision: {name}", flush=True)
+        results[name] = measure(config)
     env, command = common.environment(), common.command_line()
+    env["load_average_1min_start"] = load_start
     env["cpu_bf16_flags"] = cpu_bf16_flags()
     common.write_json(os.path.join(FLAGS.out_dir, "summary.json"), {
         "command": command, "environment": env,
@@ -111,7 +118,8 @@ def main(argv):
         f"Machine: {env['cpu']} ({env['cpu_count']} cores), TensorFlow {env['tensorflow']}, "
         f"Keras {env['keras']}; {FLAGS.rounds} interleaved rounds of {FLAGS.steps} steps; "
         f"native bfloat16 CPU flags: {', '.join(env['cpu_bf16_flags'] or []) or 'none'}; "
-        f"1-minute load average at the end: {env['load_average_1min']:.1f}.",
+        f"1-minute load average {env['load_average_1min_start']:.1f} at the start, "
+        f"{env['load_average_1min']:.1f} at the end.",
         "",
         "| network | float32 img/s (median) | bf16 img/s (median) | speed-up median (range over rounds) | verdict |",
         "|---|---|---|---|---|",

@@ -91,6 +91,8 @@ def measure(config):
         first_call[name] = time.perf_counter() - start
     gap_first_step = _weight_gap(models)
     times = {name: [] for name in models}
+    print(f"xla: {config}: timed rounds", flush=True)
+    bar = keras.utils.Progbar(FLAGS.rounds * len(models), unit_name="timing")
     for r in range(FLAGS.rounds):
         order = list(models) if r % 2 == 0 else list(models)[::-1]
         for name in order:
@@ -99,6 +101,7 @@ def measure(config):
                 lambda: model.train_on_batch(x, y), FLAGS.steps, warmup=1
             )
             times[name].append(t)
+            bar.add(1, values=[("round", r + 1)])
     step = {name: float(np.median(t)) for name, t in times.items()}
     ratios = [a / b for a, b in zip(times["xla"], times["no_xla"])]
     verdict = common.spread_verdict(times["xla"], times["no_xla"])
