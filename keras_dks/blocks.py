@@ -137,6 +137,28 @@ def bn_relu(x, name, config):
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
+def _shortcut(x, source, filters, stride, name, config, with_bn=False):
+    """`x` itself when the block keeps its shape, else a 1x1 conv (+ BN in
+    post-activation blocks) of `source` to the new width and resolution."""
+    if x.shape[-1] == filters and stride == 1:
+        return x
+    shortcut = conv(source, filters, 1, stride, f"{name}_convdim", config)
+    if with_bn:
+        shortcut = batch_norm(shortcut, f"{name}_convdim_bn", config)
+    return shortcut
+
+
+def _bottleneck_convs(x, filters, stride, name, config):
+    """1x1 conv to `filters // 4`, BN-ReLU, 3x3 conv with the stride,
+    BN-ReLU, 1x1 conv to `filters`: the body of both bottlenecks."""
+    inner = max(filters // 4, 1)
+    y = conv(x, inner, 1, 1, f"{name}_conv0", config)
+    y = bn_relu(y, f"{name}_mid0", config)
+    y = conv(y, inner, 3, stride, f"{name}_conv1", config)
+    y = bn_relu(y, f"{name}_mid1", config)
+    return conv(y, filters, 1, 1, f"{name}_conv2", config)
+
+
 def preact_basic_block(x, filters, stride, name, config):
     """The WRN block of the DKS authors' code.
 
@@ -144,68 +166,40 @@ def preact_basic_block(x, filters, stride, name, config):
     [dropout]; z = conv3x3(o2); out = z + (conv1x1(o1, stride) if the
     width or the resolution changes, else x).
     """
-    in_channels = x.shape[-1]
     o1 = bn_relu(x, f"{name}_preact", config)
     y = conv(o1, filters, 3, stride, f"{name}_conv0", config)
     o2 = bn_relu(y, f"{name}_mid", config)
     if config.dropout:
         o2 = keras.layers.Dropout(config.dropout, name=f"{name}_drop")(o2)
     z = conv(o2, filters, 3, 1, f"{name}_conv1", config)
-    if in_channels != filters or stride != 1:
-        shortcut = conv(o1, filters, 1, stride, f"{name}_convdim", config)
-    else:
-        shortcut = x
+    shortcut = _shortcut(x, o1, filters, stride, name, config)
     return keras.layers.Add(name=f"{name}_add")([z, shortcut])
 
 
 def preact_bottleneck_block(x, filters, stride, name, config):
     """Pre-activation bottleneck (ResNetV2 style), output width `filters`."""
-    in_channels = x.shape[-1]
-    inner = max(filters // 4, 1)
     o1 = bn_relu(x, f"{name}_preact", config)
-    y = conv(o1, inner, 1, 1, f"{name}_conv0", config)
-    y = bn_relu(y, f"{name}_mid0", config)
-    y = conv(y, inner, 3, stride, f"{name}_conv1", config)
-    y = bn_relu(y, f"{name}_mid1", config)
-    z = conv(y, filters, 1, 1, f"{name}_conv2", config)
-    if in_channels != filters or stride != 1:
-        shortcut = conv(o1, filters, 1, stride, f"{name}_convdim", config)
-    else:
-        shortcut = x
+    z = _bottleneck_convs(o1, filters, stride, name, config)
+    shortcut = _shortcut(x, o1, filters, stride, name, config)
     return keras.layers.Add(name=f"{name}_add")([z, shortcut])
 
 
 def basic_block(x, filters, stride, name, config):
     """Post-activation basic block (He et al. 2016, ResNet-18/34)."""
-    in_channels = x.shape[-1]
     y = conv(x, filters, 3, stride, f"{name}_conv0", config)
     y = bn_relu(y, f"{name}_mid", config)
     y = conv(y, filters, 3, 1, f"{name}_conv1", config)
     y = batch_norm(y, f"{name}_bn1", config)
-    if in_channels != filters or stride != 1:
-        shortcut = conv(x, filters, 1, stride, f"{name}_convdim", config)
-        shortcut = batch_norm(shortcut, f"{name}_convdim_bn", config)
-    else:
-        shortcut = x
+    shortcut = _shortcut(x, x, filters, stride, name, config, with_bn=True)
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
 def bottleneck_block(x, filters, stride, name, config):
     """Post-activation bottleneck, stride on the 3x3 conv (ResNet v1.5)."""
-    in_channels = x.shape[-1]
-    inner = max(filters // 4, 1)
-    y = conv(x, inner, 1, 1, f"{name}_conv0", config)
-    y = bn_relu(y, f"{name}_mid0", config)
-    y = conv(y, inner, 3, stride, f"{name}_conv1", config)
-    y = bn_relu(y, f"{name}_mid1", config)
-    y = conv(y, filters, 1, 1, f"{name}_conv2", config)
+    y = _bottleneck_convs(x, filters, stride, name, config)
     y = batch_norm(y, f"{name}_bn2", config)
-    if in_channels != filters or stride != 1:
-        shortcut = conv(x, filters, 1, stride, f"{name}_convdim", config)
-        shortcut = batch_norm(shortcut, f"{name}_convdim_bn", config)
-    else:
-        shortcut = x
+    shortcut = _shortcut(x, x, filters, stride, name, config, with_bn=True)
     y = keras.layers.Add(name=f"{name}_add")([y, shortcut])
     return keras.layers.ReLU(name=f"{name}_out")(y)
 

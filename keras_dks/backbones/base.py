@@ -130,6 +130,23 @@ def check_num_classes(num_classes, include_top):
     return adapt.check_num_classes(num_classes)
 
 
+def blocks_per_stage(depth, extra_layers, model_name, examples):
+    """n, the blocks per stage of a three-stage CIFAR network of depth
+    `6n + extra_layers` (2 for the CIFAR ResNets, 4 for Wide ResNets), or a
+    ValueError naming valid depths."""
+    if (
+        not isinstance(depth, int)
+        or isinstance(depth, bool)
+        or depth < 6 + extra_layers
+        or (depth - extra_layers) % 6
+    ):
+        raise ValueError(
+            f"{model_name} depth must be an integer 6n + {extra_layers} with "
+            f"n >= 1 (e.g. {examples}); got depth={depth!r}."
+        )
+    return (depth - extra_layers) // 6
+
+
 def check_input_shape(input_shape):
     """`input_shape` as a `(height, width, channels)` tuple."""
     input_shape = tuple(input_shape)

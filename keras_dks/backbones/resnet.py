@@ -17,6 +17,7 @@ import keras
 from keras_dks import blocks
 from keras_dks import heads
 from keras_dks.backbones.base import DKSBackbone
+from keras_dks.backbones.base import blocks_per_stage
 from keras_dks.backbones.base import check_input_shape
 from keras_dks.backbones.base import check_num_classes
 from keras_dks.backbones.base import residual_stages
@@ -229,31 +230,12 @@ class CifarResNet(_PostActivationResNet):
     ```
     """
 
-    def __init__(
-        self,
-        depth,
-        num_classes,
-        input_shape=(32, 32, 3),
-        include_top=True,
-        sync_batchnorm=False,
-        head_blocks=None,
-        name=None,
-        **kwargs,
-    ):
-        if (
-            not isinstance(depth, int)
-            or isinstance(depth, bool)
-            or depth < 8
-            or (depth - 2) % 6
-        ):
-            raise ValueError(
-                "CIFAR ResNet depth must be an integer 6n + 2 with n >= 1 "
-                f"(e.g. 20, 32, 56, 110); got depth={depth!r}."
-            )
+    def __init__(self, depth, num_classes, input_shape=(32, 32, 3), include_top=True,
+                 sync_batchnorm=False, head_blocks=None, name=None, **kwargs):
+        n = blocks_per_stage(depth, 2, "CIFAR ResNet", "20, 32, 56, 110")
         num_classes = check_num_classes(num_classes, include_top)
         input_shape = check_input_shape(input_shape)
         head_blocks = _check_head_blocks(head_blocks, "CifarResNet")
-        n = (depth - 2) // 6
         self._build(
             _cifar_stem,
             [(f"stage{s}", w, n, stride) for s, (w, stride) in
@@ -341,17 +323,9 @@ class ResNet(_PostActivationResNet):
     ```
     """
 
-    def __init__(
-        self,
-        depth,
-        num_classes=1000,
-        input_shape=(224, 224, 3),
-        include_top=True,
-        sync_batchnorm=False,
-        head_blocks=None,
-        name=None,
-        **kwargs,
-    ):
+    def __init__(self, depth, num_classes=1000, input_shape=(224, 224, 3),
+                 include_top=True, sync_batchnorm=False, head_blocks=None, name=None,
+                 **kwargs):
         if depth not in IMAGENET_RESNETS or isinstance(depth, bool):
             raise ValueError(
                 f"ImageNet ResNet depth must be one of "
@@ -399,68 +373,32 @@ def resnet_cifar(depth, num_classes, **kwargs):
     return CifarResNet(depth, num_classes, **kwargs)
 
 
-def resnet18(num_classes=1000, **kwargs):
-    """ResNet-18 (basic blocks, 11,689,512 trainable parameters for 1000
-    classes): `ResNet(18, num_classes, **kwargs)`.
+def _preset(depth):
+    """`resnet<depth>(num_classes=1000, **kwargs)`: `ResNet(depth, ...)`."""
+    spec = IMAGENET_RESNETS[depth]
+
+    def build(num_classes=1000, **kwargs):
+        return ResNet(depth, num_classes, **kwargs)
+
+    build.__name__ = build.__qualname__ = f"resnet{depth}"
+    build.__doc__ = f"""ResNet-{depth}: `ResNet({depth}, num_classes, **kwargs)`.
+
+    {spec.block_kind.capitalize()} blocks {list(spec.stage_blocks)},
+    {spec.params:,} trainable parameters for 1000 classes; default heads
+    (DHM code) {spec.head_blocks} blocks. Arguments: see `ResNet`.
 
     Example:
     ```python
     from keras_dks import backbones
-    r18 = backbones.resnet18(num_classes=10, input_shape=(64, 64, 3))
-    r18.dks_head_stages("conv3_x")  # [HeadStage(256, 1, 2), HeadStage(512, 2, 2)]
+    net = backbones.resnet{depth}(num_classes=10, input_shape=(64, 64, 3))
+    net.dks_taps   # ['conv4_x', 'conv3_x']
     ```
     """
-    return ResNet(18, num_classes, **kwargs)
+    return build
 
 
-def resnet34(num_classes=1000, **kwargs):
-    """ResNet-34 (basic blocks, 21,797,672 trainable parameters for 1000
-    classes): `ResNet(34, num_classes, **kwargs)`.
-
-    Example:
-    ```python
-    from keras_dks import backbones
-    r34 = backbones.resnet34(num_classes=100, input_shape=(128, 128, 3))
-    ```
-    """
-    return ResNet(34, num_classes, **kwargs)
-
-
-def resnet50(num_classes=1000, **kwargs):
-    """ResNet-50 (v1.5 bottlenecks, 25,557,032 trainable parameters for
-    1000 classes): `ResNet(50, num_classes, **kwargs)`.
-
-    Example:
-    ```python
-    from keras_dks import backbones
-    r50 = backbones.resnet50()
-    r50.dks_head_stages("conv4_x")  # [HeadStage(4096, 3, 2)]
-    ```
-    """
-    return ResNet(50, num_classes, **kwargs)
-
-
-def resnet101(num_classes=1000, **kwargs):
-    """ResNet-101 (v1.5 bottlenecks, 44,549,160 trainable parameters for
-    1000 classes): `ResNet(101, num_classes, **kwargs)`.
-
-    Example:
-    ```python
-    from keras_dks import backbones
-    r101 = backbones.resnet101(num_classes=100)
-    ```
-    """
-    return ResNet(101, num_classes, **kwargs)
-
-
-def resnet152(num_classes=1000, **kwargs):
-    """ResNet-152 (v1.5 bottlenecks, 60,192,808 trainable parameters for
-    1000 classes): `ResNet(152, num_classes, **kwargs)`.
-
-    Example:
-    ```python
-    from keras_dks import backbones
-    r152 = backbones.resnet152(num_classes=100)
-    ```
-    """
-    return ResNet(152, num_classes, **kwargs)
+resnet18 = _preset(18)
+resnet34 = _preset(34)
+resnet50 = _preset(50)
+resnet101 = _preset(101)
+resnet152 = _preset(152)

@@ -12,6 +12,7 @@ import keras
 from keras_dks import blocks
 from keras_dks import heads
 from keras_dks.backbones.base import DKSBackbone
+from keras_dks.backbones.base import blocks_per_stage
 from keras_dks.backbones.base import check_input_shape
 from keras_dks.backbones.base import check_num_classes
 from keras_dks.backbones.base import residual_stages
@@ -88,28 +89,9 @@ class WideResNet(DKSBackbone):
     ```
     """
 
-    def __init__(
-        self,
-        depth,
-        width,
-        num_classes,
-        dropout=0.0,
-        input_shape=(32, 32, 3),
-        include_top=True,
-        sync_batchnorm=False,
-        name=None,
-        **kwargs,
-    ):
-        if (
-            not isinstance(depth, int)
-            or isinstance(depth, bool)
-            or depth < 10
-            or (depth - 4) % 6
-        ):
-            raise ValueError(
-                "WideResNet depth must be an integer 6n + 4 with n >= 1 "
-                f"(e.g. 10, 16, 22, 28, 40); got depth={depth!r}."
-            )
+    def __init__(self, depth, width, num_classes, dropout=0.0, input_shape=(32, 32, 3),
+                 include_top=True, sync_batchnorm=False, name=None, **kwargs):
+        n = blocks_per_stage(depth, 4, "WideResNet", "10, 16, 22, 28, 40")
         if not width > 0 or int(16 * width) < 1:
             raise ValueError(
                 f"WideResNet width must be positive (int(16 * width) >= 1); got "
@@ -119,7 +101,6 @@ class WideResNet(DKSBackbone):
             raise ValueError(f"dropout must be in [0, 1); got {dropout!r}.")
         num_classes = check_num_classes(num_classes, include_top)
         input_shape = check_input_shape(input_shape)
-        n = (depth - 4) // 6
         widths = [int(v * width) for v in (16, 32, 64)]
         config = _wrn_block_config(sync_batchnorm, dropout)
 

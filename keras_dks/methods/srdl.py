@@ -419,20 +419,9 @@ class SRDL:
     ```
     """
 
-    def __init__(
-        self,
-        model_fn,
-        epochs,
-        temperature=3.0,
-        distill_weight=1.0,
-        optimizer_fn=None,
-        loss=None,
-        metrics=None,
-        restart=True,
-        weight_decay=None,
-        strategy=None,
-        compile_kwargs=None,
-    ):
+    def __init__(self, model_fn, epochs, temperature=3.0, distill_weight=1.0,
+                 optimizer_fn=None, loss=None, metrics=None, restart=True,
+                 weight_decay=None, strategy=None, compile_kwargs=None):
         _require_tensorflow("SRDL")
         if not (callable(model_fn) or isinstance(model_fn, keras.Model)):
             raise ValueError("model_fn must be a function returning a keras.Model.")
@@ -509,20 +498,9 @@ class SRDL:
             **self.compile_kwargs,
         )
 
-    def fit(
-        self,
-        x,
-        y=None,
-        batch_size=None,
-        validation_data=None,
-        steps_per_epoch=None,
-        num_examples=None,
-        extraction_data=None,
-        callbacks=None,
-        checkpoint_dir=None,
-        verbose="auto",
-        **fit_kwargs,
-    ):
+    def fit(self, x, y=None, batch_size=None, validation_data=None,
+            steps_per_epoch=None, num_examples=None, extraction_data=None,
+            callbacks=None, checkpoint_dir=None, verbose="auto", **fit_kwargs):
         """Run both stages.
 
         Args:
