@@ -151,3 +151,17 @@ def stage_backbone(size=8, name="stages"):
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s2")(x)
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="s3")(x)
     return keras.Model(inp, x, name=name)
+
+
+def require_fashion_mnist_package():
+    """The folder of Debian's dataset-fashion-mnist; fails (does not skip)
+    with the fix when the package is missing: a test input, like a test
+    dependency."""
+    from keras_dks.data import fashion_mnist
+
+    assert os.path.isdir(fashion_mnist.DEBIAN_DIR), (
+        f"{fashion_mnist.DEBIAN_DIR} is missing: this test reads the real Fashion-MNIST "
+        "files of Debian's dataset-fashion-mnist package. Install it: `make data` (as root), "
+        "or `sudo apt-get install dataset-fashion-mnist`."
+    )
+    return fashion_mnist.DEBIAN_DIR

@@ -1,14 +1,20 @@
 """Input pipelines: IDX parsing, CIFAR and ImageNet transforms, TFDS loading."""
 
 import gzip
+import json
 import os
+import shutil
 import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from keras_dks.data import cifar, fashion_mnist, imagenet, pipelines
+from helpers import require_fashion_mnist_package
 
 
 # ---------------------------------------------------------------------------
@@ -80,10 +86,8 @@ def test_load_data_from_synthetic_dir(tmp_path):
         fashion_mnist.load_data(str(tmp_path))
 
 
-@pytest.mark.skipif(
-    not os.path.isdir(fashion_mnist.DEBIAN_DIR), reason="dataset-fashion-mnist not installed"
-)
 def test_load_data_debian_package():
+    require_fashion_mnist_package()
     (x, y), (xt, yt) = fashion_mnist.load_data()
     assert x.shape == (60000, 28, 28) and x.dtype == np.uint8
     assert xt.shape == (10000, 28, 28) and yt.shape == (10000,)
@@ -639,11 +643,71 @@ def test_load_tfds_failed_preparation_names_the_cause(tmp_path, monkeypatch, err
         raise error()
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+    # The message for each cause, whatever the network of this machine.
+    monkeypatch.setattr(pipelines, "check_download_hosts", lambda *args, **kwargs: None)
     with pytest.raises(RuntimeError, match=message) as info:
         pipelines.load_tfds("cifar100", "train", data_dir=str(tmp_path))
     if "connection" not in message:
         # Only a network failure blames the network.
         assert "internet" not in str(info.value)
+
+
+def offline_command(command):
+    """`command` run with the network truly unreachable: in a new network
+    namespace (`unshare -n`: no interface up, not even DNS) when this user
+    may create one, else with every proxy variable pointing at a closed local
+    port (requests, which TFDS downloads with, then reaches nothing)."""
+    unshare = subprocess.run(["unshare", "-n", "true"], capture_output=True) if shutil.which(
+        "unshare") else None
+    if unshare is not None and unshare.returncode == 0:
+        return ["unshare", "-n"] + command, {}
+    closed = "http://127.0.0.1:9"  # the discard port, closed unless a service runs
+    return command, {k: closed for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                         "https_proxy", "all_proxy")} | {"NO_PROXY": "",
+                                                                          "no_proxy": ""}
+
+
+_OFFLINE_LOAD = textwrap.dedent(
+    """
+    import json, sys, time
+    from keras_dks.data import pipelines
+    found = {}
+    for path in ("host_check", "tfds_download"):
+        if path == "tfds_download":
+            # TFDS' own download and retries (capped), without the check.
+            pipelines.check_download_hosts = lambda *args, **kwargs: None
+        start = time.monotonic()
+        try:
+            pipelines.load_tfds("cifar100", "train", data_dir=sys.argv[1] + "/" + path)
+            found[path] = [None, "loaded"]
+        except RuntimeError as e:
+            found[path] = [time.monotonic() - start, str(e)]
+    print("FOUND " + json.dumps(found))
+    """
+)
+
+
+def test_load_tfds_offline_fails_within_seconds_naming_the_fix(tmp_path):
+    """No network: cifar100, not prepared, fails in seconds (TFDS alone
+    retries for ~3.5 minutes) with the message that names --data_dir, both
+    at the host check and through TFDS' real download with capped retries."""
+    command, env = offline_command([sys.executable, "-c", _OFFLINE_LOAD, str(tmp_path)])
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=repo, **env))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("FOUND ")]
+    assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]
+    found = json.loads(lines[0][len("FOUND "):])
+    for path, (seconds, message) in found.items():
+        assert seconds is not None, f"{path}: loaded without network?"
+        assert message.startswith("Could not download TFDS dataset 'cifar100': no connection"), (
+            path, message)
+        assert "pass data_dir (--data_dir)" in message, message
+        # Budget: the 10 s host timeout is not reached (no route fails at
+        # once); TFDS' 3 capped retries wait 1.4 s.
+        assert seconds < 15, (path, seconds, message)
+    assert "did not answer within" in found["host_check"][1]
+    assert "did not answer within" not in found["tfds_download"][1]
 
 
 def test_measure_throughput():
