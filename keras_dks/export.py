@@ -35,9 +35,10 @@ AMX: `openvino.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")` reads
 (`OPENVINO_FLOAT32 = {"INFERENCE_PRECISION_HINT": "f32"}`). Nothing in the
 file can change that default: OpenVINO 2026.4's CPU plugin ignores
 `INFERENCE_PRECISION_HINT` and `EXECUTION_MODE_HINT` written into the IR's
-`runtime_options`, and the per-node `disable_fp16_compression` marks do
-not survive `save_model` / `read_model` (checked on a CPU with
-AVX512-BF16); only the configuration passed to `compile_model` does.
+`runtime_options`, and `disable_fp16_compression` marks on the nodes
+(set from Python or written into the `.xml`) leave it in bfloat16 too
+(checked on a CPU with AVX512-BF16); only the configuration passed to
+`compile_model` does.
 """
 
 import argparse

@@ -617,3 +617,32 @@ def test_save_and_load_keras_file(tmp_path):
 def test_bad_arguments_raise_clear_errors(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+# ---------------------------------------------------------------------------
+# keras-hub's own serialization checks
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (backbones.WideResNet, dict(depth=10, width=1, num_classes=3, input_shape=(16, 16, 3))),
+        (backbones.CifarResNet, dict(depth=8, num_classes=3, input_shape=(16, 16, 3),
+                                     head_blocks=[[1, 2], [1]])),
+        (backbones.ResNet, dict(depth=18, num_classes=3, input_shape=(32, 32, 3),
+                                head_blocks="copy")),
+    ],
+)
+def test_keras_hub_serialization_and_saving_checks(cls, kwargs):
+    """keras-hub's TestCase: a config / serialize round trip gives the same
+    config and attributes, and a saved `.keras` file loads as the same class
+    with the same outputs."""
+    from keras_hub.src.tests.test_case import TestCase
+
+    case = TestCase(methodName="run_serialization_test")
+    keras.utils.set_random_seed(0)
+    case.run_serialization_test(cls(**kwargs))
+    images = np.random.default_rng(0).uniform(size=(2,) + kwargs["input_shape"]).astype("float32")
+    case.run_model_saving_test(cls, kwargs, images)
+    revived = cls.from_config(cls(**kwargs).get_config())
+    assert revived.dks_head_stages(revived.dks_taps[-1]) == cls(**kwargs).dks_head_stages(
+        revived.dks_taps[-1])
