@@ -406,6 +406,9 @@ def summary_markdown(record):
         "| train FLOPs ratio | step-time ratio [range] | peak memory ratio | params (training) "
         "| verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| baseline | {base['seeds_finished']}/{SEEDS_PLANNED} | 0 (reference) | - | - | - | - | 1.00 "
+        f"| {'1.00' if record.get('cost_command') else '-'} | "
+        f"{'1.00' if record.get('cost_command') else '-'} | {base['params_training']:,} | - |",
     ]
     for name, d in designs.items():
         g, a = _fmt_gain(d["gain"]), _fmt_gain(d["vs_authors"])
@@ -521,9 +524,11 @@ def pareto(record, path):
         else:
             x, xerr = d["train_flops_ratio"], None
         ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", capsize=4,
-                    label=f"{name} (n={d['seeds_finished']})")
+                    label=f"{name} (n={d['seeds_finished']}" + (", no CI)" if yerr is None else ")"))
     ax.axhline(0, color="gray", lw=0.8)
     ax.axvline(1.3, color="gray", lw=0.8, ls="--")
+    ax.annotate("1.3x: cheaper-default limit", (1.3, 0), xytext=(3, 3),
+                textcoords="offset points", fontsize=7, color="gray", rotation=90)
     ax.set_xlabel("training step-time ratio to the baseline (median, range over rounds)"
                   if timed else "training FLOPs ratio to the baseline (step time not measured)")
     ax.set_ylabel("gain over the baseline (points), 95 % CI")
