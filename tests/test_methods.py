@@ -364,6 +364,13 @@ def test_distiller_with_dks_teacher():
     teacher = methods.frozen_teacher(dks)
     before = teacher.predict(x, verbose=0)
     np.testing.assert_allclose(before, dks.inference_model().predict(x, verbose=0), rtol=1e-5)
+    assert not teacher.trainable_variables
+    assert len(dks.trainable_variables) == trainable  # its own variables
+    if not hasattr(keras, "distillation"):
+        # keras.distillation arrived in Keras 3.12; the oldest supported
+        # Keras (3.10) checks frozen_teacher alone.
+        assert tuple(int(v) for v in keras.__version__.split(".")[:2]) < (3, 12)
+        return
     student = keras.Sequential(
         [keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(5)]
     )
