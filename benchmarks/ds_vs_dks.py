@@ -21,7 +21,7 @@ Networks: the accuracy studies' WRN-16-1 (28x28x1, batch 64, the studies'
 keras.applications ResNet50 (64x64x3, batch 16).
 
 Usage (the committed result comes from exactly this command):
-    python benchmarks/ds_vs_dks.py --rounds 10 --steps 3
+    python benchmarks/ds_vs_dks.py --rounds 6 --steps 2
 """
 
 import collections
@@ -43,8 +43,8 @@ from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("networks", ["wrn16_1", "wrn16_2", "resnet50"], "Networks to measure.")
-flags.DEFINE_integer("rounds", 10, "Interleaved timing rounds.")
-flags.DEFINE_integer("steps", 3, "Train steps timed per round and method.")
+flags.DEFINE_integer("rounds", 6, "Interleaved timing rounds.")
+flags.DEFINE_integer("steps", 2, "Train steps timed per round and method.")
 flags.DEFINE_integer("threads", 1, "TF intra- and inter-op threads (0: TensorFlow's default).")
 flags.DEFINE_string("out", "benchmarks/results/ds_vs_dks", "Output path prefix (.json, .md).")
 
