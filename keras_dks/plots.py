@@ -141,7 +141,7 @@ def error_figure(histories, title=None, heads=None, zoom_epochs=None):
         x, y = points(test, epochs)
         for ax in (ax_all, ax_end):
             ax.plot(x, y, "-o", color=color, linewidth=1.8, markersize=5)
-        zoomed += [v for e, v in zip(x, y) if e >= first]
+        zoomed += [(e, v) for e, v in zip(x, y) if e >= first]
         if x and x[-1] >= first:
             finals.append((y[-1], x[-1], f"{name} {y[-1]:.2f}%", color))
         handles.append(matplotlib.lines.Line2D([], [], color=color, linewidth=1.8, label=name))
@@ -156,11 +156,17 @@ def error_figure(histories, title=None, heads=None, zoom_epochs=None):
     ax_all.set_ylabel("error (%)")
     ax_all.set_xlim(0.5, epochs + 0.5)
     ax_all.set_title("all epochs", fontsize="medium")
-    ax_end.set_xlim(first - 0.5, epochs + 0.5)
-    low, high = (min(zoomed), max(zoomed)) if zoomed else (0.0, 1.0)
+    shown = sorted({e for e, _ in zoomed})
+    if len(shown) == 1:  # evaluated once in these epochs (e.g. at the end)
+        ax_end.set_xlim(shown[0] - 1, shown[0] + 1)
+        ax_end.set_title(f"test error at epoch {shown[0]}", fontsize="medium")
+    else:
+        ax_end.set_xlim(first - 0.5, epochs + 0.5)
+        ax_end.set_title(f"test error, last {epochs - first + 1} epochs", fontsize="medium")
+    values = [v for _, v in zoomed]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
     margin = max(0.1, 0.1 * (high - low))
     ax_end.set_ylim(low - margin, high + margin)
-    ax_end.set_title(f"test error, last {epochs - first + 1} epochs", fontsize="medium")
     # Each curve's last test error, written right of the panel, in order,
     # at least a line apart.
     gap = 0.07 * (high - low + 2 * margin)
@@ -169,7 +175,8 @@ def error_figure(histories, title=None, heads=None, zoom_epochs=None):
         placed.append(max(value, placed[-1] + gap) if placed else value)
     shift = max(0.0, placed[-1] - (high + margin)) if placed else 0.0
     for (value, epoch, text, color), y in zip(sorted(finals), placed):
-        ax_end.annotate(text, xy=(epoch, value), xytext=(epochs + 0.5 + 0.08 * zoom, y - shift),
+        right = ax_end.get_xlim()[1]
+        ax_end.annotate(text, xy=(epoch, value), xytext=(right + 0.04 * (right - ax_end.get_xlim()[0]), y - shift),
                         textcoords="data", va="center", fontsize="small", color=color,
                         annotation_clip=False,
                         arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6})
