@@ -16,36 +16,58 @@ ROOT = os.path.dirname(keras_dks.__file__)
 # uses its SafeBackupAndRestore. `export` works on any Keras model and needs
 # only `adapt` (is the output a softmax?); its CLI imports just the modules a
 # .keras file names. `DKSModel.export` may delegate to it.
+# Building blocks -> model -> methods -> training plumbing; the examples and
+# benchmarks (scripts, outside the package) sit above all of them.
 LAYERS = [
-    {"utils", "losses", "taps", "blocks", "distribute", "data", "callbacks"},
+    {"utils", "losses", "draws", "optimizers", "compat", "taps", "blocks",
+     "distribute", "data", "callbacks"},
     {"heads"},
     {"adapt", "backbones", "export"},
-    {"model", "trainer"},
+    {"model"},
     {"methods"},
     {"recipes", "plots"},
 ]
+SCRIPTS = {"examples", "benchmarks"}
+
+
+def _imports(path):
+    """Every keras_dks module (or script folder) `path` imports, at any depth:
+    module top, functions, methods, conditional blocks; relative imports
+    resolved against the file's package."""
+    tree = ast.parse(open(path).read())
+    package = os.path.relpath(os.path.dirname(path), os.path.dirname(ROOT)).split(os.sep)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                parts = base + (node.module.split(".") if node.module else [])
+            else:
+                parts = (node.module or "").split(".")
+            if parts[0] in SCRIPTS:
+                yield parts[0]
+            elif parts[0] == "keras_dks":
+                if len(parts) > 1:
+                    yield parts[1]
+                else:
+                    yield from (a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                top = a.name.split(".")[0]
+                if top in SCRIPTS:
+                    yield top
+                elif a.name.startswith("keras_dks."):
+                    yield a.name.split(".")[1]
+                elif a.name == "keras_dks":
+                    yield "keras_dks"  # the whole package: above every layer
 
 
 def _layer(module):
+    if module in SCRIPTS or module == "keras_dks":
+        return len(LAYERS)
     for k, layer in enumerate(LAYERS):
         if module in layer:
             return k
     raise AssertionError(f"keras_dks.{module} is in no layer; add it to LAYERS and to docs/api.md")
-
-
-def _imports(path):
-    tree = ast.parse(open(path).read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("keras_dks"):
-            parts = node.module.split(".")
-            if len(parts) > 1:
-                yield parts[1]
-            else:
-                yield from (a.name for a in node.names)
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("keras_dks."):
-                    yield a.name.split(".")[1]
 
 
 def test_dependencies_run_one_way():

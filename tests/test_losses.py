@@ -197,10 +197,33 @@ def test_dks_loss_terms_with_a_pair_mask_match_numpy():
                                rtol=1e-5)
 
 
-def test_pair_mask_is_a_function_of_seed_and_step():
-    a = losses.pair_mask(200, 0.5, seed=7, step=3).numpy()
-    b = losses.pair_mask(200, 0.5, seed=7, step=3).numpy()
-    c = losses.pair_mask(200, 0.5, seed=7, step=4).numpy()
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert set(np.unique(a)) <= {0.0, 1.0} and 0.35 < a.mean() < 0.65
+def test_old_draw_names_warn_and_name_the_new_place():
+    from keras_dks import draws
+
+    with pytest.warns(DeprecationWarning, match="keras_dks.draws.pair_mask"):
+        old = losses.pair_mask
+    assert old is draws.pair_mask
+    with pytest.warns(DeprecationWarning, match="keras_dks.draws.stateless_uniform"):
+        assert losses.stateless_uniform is draws.stateless_uniform
+
+
+@pytest.mark.parametrize("row, valid", [
+    ([0.2, 0.3, 0.5], True),
+    ([0.0, 1.0, 0.0], True),
+    ([0.5, 0.6, 0.0], False),           # sums to 1.1
+    ([-0.1, 0.6, 0.5], False),          # negative entry, sums to 1
+    ([float("nan"), 0.5, 0.5], False),
+    ([float("inf"), 0.0, 0.0], False),
+])
+def test_soft_label_rows_that_are_not_distributions_get_nan_targets(row, valid):
+    """The graph's rule is check_labels' rule: a row it rejects gets NaN."""
+    y = np.array([[1.0, 0.0, 0.0], row], "float32")
+    t = losses.label_targets(y, 3).numpy()
+    np.testing.assert_array_equal(t[0], [1.0, 0.0, 0.0])  # other rows untouched
+    if valid:
+        np.testing.assert_array_equal(t[1], np.asarray(row, "float32"))
+        losses.check_labels(y, 3)
+    else:
+        assert np.isnan(t[1]).all()
+        with pytest.raises(ValueError, match="row 1"):
+            losses.check_labels(y, 3)

@@ -157,6 +157,8 @@ def test_auto_finds_no_stage():
         (dict(pairs=[(0, 5)]), "does not exist"),
         (dict(pairs=[(2, 2)]), "itself"),
         (dict(aux_weight=-0.1), "non-negative"),
+        (dict(aux_weight=float("nan")), "non-negative"),
+        (dict(synergy_weight=[1.0, float("nan"), 1, 1, 1, 1]), "non-negative"),
         (dict(synergy_weight=[1.0, -1.0, 1, 1, 1, 1]), "non-negative"),
         (dict(aux_weight=[1.0, 1.0, 1.0]), "2 auxiliary heads"),
         (dict(synergy_weight=[1.0] * 5), "exactly 6 values"),
