@@ -67,7 +67,7 @@ def test_serialization_round_trip(name):
 # keras-hub's harness (a test dependency): the round trips by the ecosystem's
 # rule. run_serialization_test compares configs and the attributes (dir) of
 # the revived object; run_model_saving_test saves, loads and compares outputs.
-from keras_hub.src.tests.test_case import TestCase as _HubTestCase  # noqa: E402
+from keras_hub.src.tests import test_case as hub_test_case  # noqa: E402
 
 HUB_MODELS = {
     "DKSModel": lambda: (keras_dks.DKSModel, dict(
@@ -79,7 +79,7 @@ HUB_MODELS = {
 }
 
 
-class KerasHubHarnessTest(_HubTestCase):
+class KerasHubHarnessTest(hub_test_case.TestCase):
     test_session = None  # tf.test.TestCase's deprecated helper, not a test
 
     def test_dks_model_serialization(self):
