@@ -62,10 +62,6 @@ def bernoulli_mask(probs, seed, step):
 
     `stateless_uniform((len(probs),), seed, step) < probs`.
 
-    Example:
-    ```python
-    keras_dks.draws.bernoulli_mask([0.5, 0.9], seed=1, step=0)
-    ```
     """
     u = stateless_uniform((len(probs),), seed, step)
     return ops.cast(u < ops.convert_to_tensor(probs, "float32"), "float32")
@@ -92,10 +88,6 @@ def categorical(cumulative, seed, step):
     stateless_uniform((), seed, step)`: index `k` has probability
     `cumulative[k] - cumulative[k - 1]`.
 
-    Example:
-    ```python
-    keras_dks.draws.categorical([0.3, 1.0], seed=1, step=0)  # 0 or 1
-    ```
     """
     u = stateless_uniform((), seed, step)
     bounds = ops.convert_to_tensor(list(cumulative)[:-1], "float32")

@@ -60,25 +60,19 @@ class DKSModel(keras.Model):
             one per auxiliary head (the main head's weight is 1).
         synergy_weight: beta, a float or one per pair.
         label_smoothing: label smoothing of the cross-entropy terms.
-        weight_decay: coupled L2 on *all* trainable variables, as in the
-            authors' code (PyTorch `SGD(weight_decay=...)`): adds
-            `weight_decay / 2 * sum ||w||^2` to the loss. Default 0, but every
-            published DKS number uses it: 5e-4 for the CIFAR WRNs (authors'
-            code), 1e-4 for the other CIFAR networks and on ImageNet (paper,
-            sections 4.1 and 4.2); pass it. It stays 0 by default because the
-            right value depends on the dataset and network, and because a
-            Keras optimizer's own decoupled `weight_decay` (AdamW,
-            `SGD(weight_decay=...)`) must not be applied on top: use one or
-            the other.
+        weight_decay: coupled L2 on all trainable variables (the authors'
+            PyTorch `SGD(weight_decay=...)`): adds `weight_decay / 2 *
+            sum ||w||^2` to the loss. The published numbers use 5e-4 (CIFAR
+            WRNs, authors' code) and 1e-4 (other CIFAR nets, ImageNet; paper
+            Sec. 4.1-4.2). Default 0: the value depends on the data, and an
+            optimizer's decoupled `weight_decay` must not be added on top.
         head_width: multiplier on the residual heads' widths.
         head_depth: if set, blocks per stage of the residual heads.
         sync_batchnorm: use synchronized BatchNormalization in the heads.
-        pair_keep_prob: per-pair dropping, a library option (neither the
-            DHM paper nor its code drops single pairs): each synergy pair is
-            kept with this probability per training step (dropped pairs add
-            nothing, no rescaling; the same pairs on every replica). 1.0
-            keeps all.
-        seed: seed of the pair sampling.
+        pair_keep_prob: each synergy pair is kept with this probability per
+            training step, without rescaling (a library option, not in the
+            papers). 1.0 keeps all.
+        seed: seed of the per-step draws (random if None).
         name: model name.
 
     Training runs through Keras' own trainers (`compute_loss` is the DKS

@@ -1,51 +1,13 @@
 """DHM (Li & Chen, CVPR 2020): DKS's heads and pairwise loss, with the
 paper's stochastic branch locations as options.
 
-What the sources say (paper: /work/shared/papers/002_*.txt, Sec. 3.2,
-Eq. 6-9; released code: github.com/d-li14/DHM, `cifar.py` / `imagenet.py`):
-
-- Loss. Eq. 7-9: the main CE, plus `I(l) * lambda_l * CE_l` for every
-  auxiliary location `l`, plus `I(p) * I(q) * mu_pq * H(p_p, p_q)` for every
-  ordered pair, where `I` is a 0/1 indicator per *location* (Eq. 6),
-  `lambda = mu = 1`. A switched-off location removes its CE and all of its
-  pairs together; nothing is rescaled. The released code is deterministic:
-  every branch's CE plus every ordered pair's KL, weight `alpha = 1`,
-  temperature 1, the target detached (its random variant, commented out,
-  detaches a random *number* of terms; it is not offered here).
-- Main results: "we fork auxiliary classifiers from each node of the
-  backbone network with probabilities toggling between zero and one",
-  i.e. fixed branches; Bernoulli location probabilities are compared in
-  the supplement only. Locations are drawn "at each training epoch".
-- Eq. 9 as printed sums p, q over the auxiliary locations 1..L-1 only; the
-  objective is over the selected branches *and* the top-most classifier
-  (Phi~ = Phi + {L}), Fig. 1 connects every output, and the released code
-  pairs the main head too: so does this module.
-
-So `DHMModel`'s defaults are the main setting and the code: every branch
-on, every pair kept (with the default `roots="auto"` the loss is DKS's).
-The options:
-
-- `branch_keep_prob=p` (the paper's Bernoulli location variant): each
-  auxiliary branch is on with probability `p`, drawn per epoch (the paper)
-  or per step; an off branch adds no CE and no pair.
-- `roots=[[...]]` (dynamic roots, an extension): one branch whose input is
-  drawn from several equally shaped candidate layers; the branch's weights
-  are shared by its candidates (in Eq. 8 each location has its own
-  classifier; use one fixed root per location and `branch_keep_prob` for
-  that). A `RootSelector` layer feeds the drawn candidate to the branch and
-  only that candidate gets the branch's gradient.
-- `pair_keep_prob=p` (per-pair dropping, a library option in neither the
-  paper nor the code): each pair is kept independently with probability
-  `p` per step, without rescaling (it scales the expected synergy weight
-  by `p`).
-
-Every draw is stateless and reproducible: a function of the model's seed
-and the optimizer's step counter (per step) or the step counter at the
-start of the epoch (per epoch). It is the same on every replica, continues
-across `fit` calls and matches after resuming from a checkpoint that
-restores the optimizer. Evaluation and `predict` use every branch, every
-pair and fixed roots (`eval_roots`); the inference model (main head only)
-never depends on any of it.
+`DHMModel`'s defaults train what the paper's main experiments and the
+released code (github.com/d-li14/DHM) train: fixed branches, every branch's
+CE and every ordered pair, weights 1, temperature 1. Options: Bernoulli
+branch locations (`branch_keep_prob`, Eq. 6-9), dynamic roots (`roots` with
+candidate lists, `RootSelector`), per-pair dropping (`pair_keep_prob`).
+Every draw is a stateless function of the model's seed and its step counter
+(`keras_dks.draws`), the same on every replica and after resuming.
 """
 
 
@@ -85,8 +47,8 @@ class RootSelector(keras.layers.Layer):
 
     In training the candidate is `index` (a non-trainable int variable that
     `RootResampler` redraws at the start of each epoch from
-    `(seed, optimizer.iterations)`) or, with `sampling="step"`, a fresh
-    stateless draw from `(seed, optimizer.iterations)` every step. Outside
+    `(seed, model.step_counter())`) or, with `sampling="step"`, a fresh
+    stateless draw from `(seed, model.step_counter())` every step. Outside
     training it is always `eval_index`. The choice is a `keras.ops.switch`
     (`tf.switch_case`, `jax.lax.switch`), so the unchosen candidates get no
     gradient from the branch.
@@ -169,12 +131,9 @@ class RootSelector(keras.layers.Layer):
     def draw(self, counter):
         """The candidate index for counter `counter`, as a tensor.
 
-        The counter is the optimizer's step (per-step sampling) or its value
-        at the start of the epoch (per-epoch sampling). Stateless: a function
-        of `(seed, counter)` only, namely the number of cumulative
-        probabilities `<= keras_dks.losses.stateless_uniform((), seed,
-        counter)` (on TensorFlow `tf.random.stateless_uniform([],
-        seed=[seed, counter])`).
+        The counter is the model's step counter (per-step sampling) or its
+        value at the start of the epoch (per-epoch sampling):
+        `keras_dks.draws.categorical(cumsum(probs), seed, counter)`.
         """
         return draws.categorical(np.cumsum(self.probs), self.seed, counter)
 
@@ -238,12 +197,13 @@ class RootResampler(keras.callbacks.Callback):
     adds one automatically when needed; pass your own to log the choices
     (`verbose=1`) or to keep them (`choices`, `active`).
 
-    The draw of an epoch depends only on the model's seed and the optimizer's
-    step counter at the start of that epoch, so a second `fit` call goes on
-    with new draws (Keras numbers its epochs from 0 again, the step counter
-    goes on), and a run resumed from a checkpoint that restores the optimizer
-    (`BackupAndRestore`, `keras_dks.callbacks.SafeBackupAndRestore`) draws
-    what an uninterrupted run draws.
+    The draw of an epoch depends only on the model's seed and its
+    `step_counter()` at the start of that epoch, so a second `fit` call goes
+    on with new draws (Keras numbers its epochs from 0 again, the step
+    counter goes on), and a run resumed from a checkpoint that restores the
+    model and optimizer (`BackupAndRestore`,
+    `keras_dks.callbacks.SafeBackupAndRestore`) draws what an uninterrupted
+    run draws.
 
     The variables are assigned here, between steps and outside the replica
     context, so under `tf.distribute` every replica sees the same choice.
@@ -447,7 +407,10 @@ class DHMModel(DKSModel):
       number of terms; it is not offered.)
     - `aux_weight=1`, `synergy_weight=1` (`lambda_l = mu_pq = 1`, Sec. 3.2;
       `--alpha 1 --temperature 1` in the code), pairs `"bidirectional"`
-      (the paper's default, Sec. 4.3.1).
+      (the paper's default, Sec. 4.3.1). Pairs include the main head: Eq. 9
+      as printed sums over the auxiliary locations only, but the objective
+      is over the selected branches and the top classifier (Fig. 1), and the
+      released code pairs the main head too.
     - `root_probs=None`: uniform over a branch's candidates (the paper's
       example distribution, Sec. 1).
 
@@ -625,13 +588,10 @@ class DHMModel(DKSModel):
     def draw_branch_mask(self, counter):
         """The 0/1 mask of the auxiliary heads for counter `counter`.
 
-        `counter` is the optimizer's step (`branch_sampling="step"`) or its
-        value at the start of the epoch (`"epoch"`). Stateless: entry `k` is
-        `keras_dks.losses.stateless_uniform((K,), branch_mask_seed,
-        counter)[k] < branch_keep_prob[k]` (on TensorFlow
-        `tf.random.stateless_uniform([K], seed=[branch_mask_seed,
-        counter])`), K the number of auxiliary heads, in `head_names[1:]`
-        order.
+        `counter` is the model's step counter (`branch_sampling="step"`) or
+        its value at the start of the epoch (`"epoch"`):
+        `keras_dks.draws.bernoulli_mask(branch_keep_prob, branch_mask_seed,
+        counter)`, one entry per auxiliary head in `head_names[1:]` order.
         """
         return draws.bernoulli_mask(self._branch_probs, self.branch_mask_seed, counter)
 
