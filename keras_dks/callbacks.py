@@ -339,9 +339,10 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
       of returning normally from `fit` (useful in scripts that must exit
       non-zero; `History` is then not returned).
 
-    It also stops at the first batch whose `skipped_steps` log is positive:
-    `DKSModel`'s TensorFlow step skips (applies no gradient to) a step whose
-    gradients are not finite, which can happen with a finite loss (e.g. a
+    It also stops at the first batch whose `skipped_steps` log is positive
+    (written by `keras_dks.optimizers.SkippedStepsLogger` when a
+    `keras_dks.optimizers.SkipNonFinite` optimizer skipped a step whose
+    gradients were not finite, which can happen with a finite loss, e.g. a
     NaN image); the message then says "Non-finite gradients".
 
     Epochs and batches in the message are 1-based, as in the progress bar.
@@ -415,9 +416,9 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             raise FloatingPointError(self.message)
 
     def _stop_on_skipped_step(self, batch, skipped):
-        # DKSModel's TensorFlow train_step drops a step whose gradients are
-        # not finite (the weights stay as they were) and counts it in
-        # `skipped_steps`; the loss itself may still look finite.
+        # A SkipNonFinite optimizer dropped a step whose gradients were not
+        # finite (the weights stay as they were), counted in `skipped_steps`;
+        # the loss itself may still look finite.
         self.epoch, self.batch = self._epoch, batch
         optimizer = getattr(self.model, "optimizer", None)
         self.step = (

@@ -119,6 +119,12 @@ def is_multi_worker(strategy):
 
     Its replicas are `len(worker_devices)` per worker, so there is more than
     one worker exactly when there are more replicas than local devices.
+
+    Example:
+    ```python
+    keras_dks.distribute.is_multi_worker(
+        keras_dks.distribute.get_strategy("mirrored"))   # False
+    ```
     """
     tf = _tf()
     return isinstance(
@@ -128,7 +134,13 @@ def is_multi_worker(strategy):
 
 def needs_keras_20585_workaround(model):
     """Whether `model.fit` meets keras-team/keras#20585: True for a model
-    created under a `MultiWorkerMirroredStrategy` scope."""
+    created under a `MultiWorkerMirroredStrategy` scope (on TensorFlow).
+
+    Example:
+    ```python
+    keras_dks.distribute.needs_keras_20585_workaround(model)   # False here
+    ```
+    """
     if keras.backend.backend() != "tensorflow":
         return False
     tf = _tf()

@@ -51,7 +51,14 @@ _MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
 
 
 def is_functional(model):
-    """True for a functional `keras.Model` (one with a graph of operations)."""
+    """True for a functional `keras.Model` (one with a graph of operations).
+
+    Example:
+    ```python
+    keras_dks.taps.is_functional(keras.applications.ResNet50(
+        weights=None, include_top=False, input_shape=(32, 32, 3)))   # True
+    ```
+    """
     return isinstance(model, keras.Model) and hasattr(model, "operations")
 
 
@@ -79,9 +86,18 @@ def _public_nodes(model):
 def graph_nodes(model):
     """Every call of an operation in a functional model, inputs first.
 
+    Reads each operation's first call (public `operation.input` /
+    `operation.output`); a graph with a shared layer is read from Keras'
+    node table through `keras_dks.compat.graph_nodes`.
+
     Returns:
         A list of `(operation, input_tensors, output_tensors)` where every
         tensor is produced before it is used.
+
+    Example:
+    ```python
+    [op.name for op, _, _ in keras_dks.taps.graph_nodes(backbone)]
+    ```
     """
     nodes = _public_nodes(model)
     if nodes is None:  # shared layers: only Keras' node table has them all
