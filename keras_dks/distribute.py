@@ -149,11 +149,9 @@ def needs_keras_20585_workaround(model):
     )
 
 
-def _first_local_value(value):
-    tf = _tf()
-    if isinstance(value, tf.distribute.DistributedValues):
-        return value.values[0]
-    return value
+def _first_local_value(strategy):
+    # Maps a (possibly distributed) batch entry to its first local replica's.
+    return lambda value: strategy.experimental_local_results(value)[0]
 
 
 def _rank1_logs(step_function):
@@ -214,7 +212,7 @@ def multi_worker_model(model):
         return model
     if getattr(model.train_step, "dks_rank1_logs", False):
         return model  # already applied
-    compat.build_from_local_batch(model, _first_local_value)
+    compat.build_from_local_batch(model, _first_local_value(model.distribute_strategy))
     if is_multi_worker(model.distribute_strategy):
         model.train_step = _rank1_logs(model.train_step)
         model.test_step = _rank1_logs(model.test_step)
