@@ -392,6 +392,60 @@ def test_safe_backup_double_checkpoint_falls_back(tmp_path):
         SafeBackupAndRestore("gs://bucket/backup")
 
 
+def test_safe_backup_save_freq_in_batches(tmp_path):
+    """save_freq=3: saved after the 3rd batch of epoch 0 (0-based batch 2);
+    a resumed run restarts that epoch from those weights, as Keras does."""
+    x, y = data()
+    backup = tmp_path / "safe"
+    model = make_model(light=True)
+    model.fit(
+        x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+        callbacks=[SafeBackupAndRestore(backup, save_freq=3, delete_checkpoint=False)],
+    )
+    meta = json.loads((backup / "training_metadata.json").read_text())
+    assert (meta["epoch"], meta["batch"]) == (0, 2)
+    resumed = make_model(light=True)
+    recorder = EpochRecorder()
+    resumed.fit(
+        x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+        callbacks=[SafeBackupAndRestore(backup, save_freq=3), recorder],
+    )
+    assert recorder.epochs == [0]
+    assert int(resumed.optimizer.iterations.numpy()) == 3 + STEPS
+    with pytest.raises(ValueError, match="save_freq"):
+        SafeBackupAndRestore(backup, save_freq=0)
+
+
+def test_safe_backup_resumes_a_keras_backup_directory(tmp_path):
+    """A directory written by keras.callbacks.BackupAndRestore is restored
+    (weights, optimizer state, epoch); the next save is an atomic one."""
+    x, y = data()
+    backup = tmp_path / "keras"
+    model = make_model(light=True)
+    model.fit(
+        x, y, batch_size=8, epochs=1, verbose=0, shuffle=False,
+        callbacks=[keras.callbacks.BackupAndRestore(str(backup), delete_checkpoint=False)],
+    )
+    saved = model.get_weights()
+    resumed = make_model(light=True)
+    recorder, first = EpochRecorder(), {}
+
+    class Weights(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            first.setdefault("weights", self.model.get_weights())
+
+    resumed.fit(
+        x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+        callbacks=[SafeBackupAndRestore(backup, delete_checkpoint=False), recorder, Weights()],
+    )
+    assert recorder.epochs == [1]
+    for a, b in zip(saved, first["weights"]):
+        np.testing.assert_array_equal(a, b)
+    assert int(resumed.optimizer.iterations.numpy()) == 2 * STEPS
+    meta = json.loads((backup / "training_metadata.json").read_text())
+    assert meta["epoch"] == 2 and meta["weights"] == "ckpt-000000.weights.h5"
+
+
 # --------------------------------------------------------------------------
 # Non-finite losses
 # --------------------------------------------------------------------------
