@@ -278,8 +278,9 @@ class EpochProgress(keras.callbacks.Callback):
     `Epoch 3/24 - 16 steps - 9s - 560ms/step - accuracy: 0.4512 - loss: ...`,
     written with a single `write` and flushed, so lines of processes that
     share a terminal never mix mid-line; `label` starts the line (e.g. the
-    method when several train side by side). Logs that carry nothing for
-    this model are left out: `synergy_loss` of a model without synergy
+    method when several train side by side). Left out, to keep it readable:
+    the per-head cross-entropies `*ce_loss` (terms of `loss`; `EpochLog`
+    and TensorBoard keep them), `synergy_loss` of a model without synergy
     pairs (baseline, DS) and `skipped_steps` while no step was skipped.
     Keras' own line is two lines (`Epoch k/n`, then the values) that another
     process can split.
@@ -312,6 +313,8 @@ class EpochProgress(keras.callbacks.Callback):
     def hidden(self, key, value):
         """Whether a log entry carries nothing for this model."""
         base = key[len("val_"):] if key.startswith("val_") else key
+        if base.endswith("ce_loss"):
+            return True  # the per-head terms of `loss`: in the epoch log
         if base == "synergy_loss":
             return not getattr(self.model, "pair_list", [None])
         return base == "skipped_steps" and not value

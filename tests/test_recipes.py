@@ -202,7 +202,7 @@ def test_progress_is_one_whole_line_per_epoch_without_empty_columns(monkeypatch)
         for epoch, call in enumerate(calls, 1):
             assert call.endswith("\n") and call.count("\n") == 1, call
             assert call.startswith(f"{method:<8} Epoch {epoch}/2 - 2 steps - "), call
-            assert " - loss: " in call and " - accuracy: " in call
+            assert " - loss: " in call and " - accuracy: " in call and "ce_loss" not in call
         assert "val_accuracy: " in calls[1] and "val_" not in calls[0]
         # No step was skipped: no skipped_steps column.
         assert "skipped_steps" not in "".join(calls)
