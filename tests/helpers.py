@@ -4,6 +4,8 @@ Import with `from helpers import ...` (pytest puts `tests/` on the path).
 """
 
 import os
+import shutil
+import subprocess
 import tempfile
 import zlib
 
@@ -165,3 +167,19 @@ def require_fashion_mnist_package():
         "or `sudo apt-get install dataset-fashion-mnist`."
     )
     return fashion_mnist.DEBIAN_DIR
+
+
+def offline_command(command):
+    """`(command, extra environment)` that run `command` with the network
+    truly unreachable: in a new network namespace (`unshare -n`: no
+    interface up, not even DNS) when this user may create one, else with
+    every proxy variable pointing at a closed local port (requests, which
+    TFDS downloads with, then reaches nothing)."""
+    unshare = subprocess.run(["unshare", "-n", "true"], capture_output=True) if shutil.which(
+        "unshare") else None
+    if unshare is not None and unshare.returncode == 0:
+        return ["unshare", "-n"] + command, {}
+    closed = "http://127.0.0.1:9"  # the discard port, closed unless a service runs
+    return command, {k: closed for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy",
+                                         "https_proxy", "all_proxy")} | {"NO_PROXY": "",
+                                                                          "no_proxy": ""}

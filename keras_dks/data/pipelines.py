@@ -288,8 +288,8 @@ def check_download_hosts(builder, timeout=10.0):
         try:
             socket.create_connection((host, port), timeout=timeout).close()
         except OSError as e:
-            raise ConnectionError(f"{host}:{port} did not answer within {timeout:g} s "
-                                  f"({type(e).__name__}: {e})") from e
+            raise ConnectionError(f"{host}:{port} is unreachable ({type(e).__name__}: {e}; "
+                                  f"waited at most {timeout:g} s)") from e
 
 
 def _urls_to_download(builder):
