@@ -2,6 +2,12 @@
 changes nothing but its count; it composes with LossScaleOptimizer and
 serialises. (DKSModel on TensorFlow and JAX: test_trainer.py.)"""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import keras
@@ -104,3 +110,56 @@ def test_logger_counts_the_epochs_skipped_steps():
     assert h.history["skipped_steps"] == [1.0, 1.0]
     assert skipped_steps(model.optimizer) == 2
     assert int(model.optimizer.iterations) == 4
+
+
+_MIRRORED = textwrap.dedent(
+    """
+    import json
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import numpy as np, keras
+    from keras_dks.optimizers import SkipNonFinite, skipped_steps
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(24, 4)).astype("float32")
+    y = rng.integers(0, 3, 24)
+    x[13, 1] = np.nan  # second global batch, second replica's half only
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((4,))
+        out = keras.layers.Dense(3)(keras.layers.Dense(5, activation="relu")(inp))
+        m = keras.Model(inp, out)
+        m.compile(optimizer=SkipNonFinite(keras.optimizers.SGD(0.1, momentum=0.9)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    m.fit(ds.take(1), verbose=0)
+    w = [np.array(v) for v in m.weights]
+    o = [np.array(v) for v in m.optimizer.variables]
+    m.fit(ds.skip(1).take(1), verbose=0)
+    out = dict(
+        same_weights=all(np.array_equal(a, np.array(b)) for a, b in zip(w, m.weights)),
+        changed=[v.path for v, a in zip(m.optimizer.variables, o)
+                 if not np.array_equal(a, np.array(v))],
+        skipped=skipped_steps(m.optimizer))
+    m.fit(ds.skip(2), verbose=0)
+    out["iterations"] = int(m.optimizer.iterations.numpy())
+    out["finite"] = all(np.isfinite(np.array(v)).all() for v in m.weights)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_replicas_agree_on_the_skip_under_mirrored_strategy():
+    """A NaN in one replica's half of the global batch skips the step on
+    both replicas (each holds only its own gradients before the all-reduce)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERAS_BACKEND="tensorflow")
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _MIRRORED], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert r["same_weights"] and r["changed"] == ["skip_non_finite/skipped_steps"]
+    assert r["skipped"] == 1 and r["iterations"] == 2 and r["finite"]
