@@ -7,7 +7,8 @@ Pure text checks (no TensorFlow), so they run in well under a second:
   the repository, and every `#anchor` matches a heading of the target page
   under GitHub's slug rules (or an explicit `<a id=...>`);
 - every repository path the pages name in text or code (`benchmarks/...`,
-  `examples/...`, `keras_dks/...`, `tests/...`, `docs/...`, `.ci/...`) exists;
+  `examples/...`, `keras_dks/...`, `tests/...`, `docs/...`, `.ci/...`) exists,
+  and so does every `make` target they name;
 - every page under docs/ is reachable from docs/index.md, and the README
   stays a front page (at most ~200 lines: reference belongs in docs/).
 """
@@ -148,6 +149,19 @@ def test_every_repository_path_named_in_the_pages_exists():
         if gone:
             missing[os.path.relpath(path, REPO)] = gone
     assert not missing, f"the docs name paths that do not exist: {missing}"
+
+
+def test_every_make_target_named_in_the_pages_exists():
+    makefile = open(os.path.join(REPO, "Makefile"), encoding="utf-8").read()
+    targets = set(re.findall(r"^([\w.-]+)\s*:(?!=)", makefile, re.MULTILINE))
+    missing = {}
+    for path in pages():
+        named = set(re.findall(r"`make ([\w.-]+)|^\s*make ([\w.-]+)",
+                               open(path, encoding="utf-8").read(), re.MULTILINE))
+        gone = sorted({a or b for a, b in named} - targets)
+        if gone:
+            missing[os.path.relpath(path, REPO)] = gone
+    assert not missing, f"the docs name make targets the Makefile lacks: {missing}"
 
 
 def test_every_docs_page_is_linked_from_the_index():
