@@ -21,6 +21,14 @@ overrides the paper's value (--lr_boundaries are then epochs of the whole
 budget, halved into each stage, so the DKS boundaries 60,120,160 become
 30,60,80 of every 100-epoch stage).
 
+Needs, to run offline: the dataset prepared by TFDS under --data_dir
+(`<data_dir>/cifar100/3.0.2/`, e.g. prepared on a machine with network and
+copied; otherwise the first run downloads the 161 MB archive from
+www.cs.toronto.edu, and without network stops within seconds saying so);
+the packages tensorflow (or tensorflow-cpu), tensorflow-datasets and
+keras-dks, and matplotlib for `curves.png`. Progress: one line per epoch
+(`--verbose 1`: Keras' progress bar).
+
 Example:
     python examples/cifar100_wrn.py --model_dir runs/wrn28_10_dks
     python examples/cifar100_wrn.py --method baseline --model_dir runs/wrn28_10_base
@@ -48,6 +56,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Network.
@@ -100,7 +110,7 @@ flags.DEFINE_integer("eval_steps", 0, "Test batches per evaluation (0: the whole
 flags.DEFINE_integer("validation_freq", 1, "Evaluate on the test split every N epochs.")
 flags.DEFINE_integer("benchmark_steps", 50, "Batches to time the input pipeline alone (0: skip).")
 flags.DEFINE_bool("save_model", True, "Save the trained model as model_dir/model.keras.")
-flags.DEFINE_integer("verbose", 2, "fit verbosity.")
+flags.DEFINE_integer("verbose", 2, "Progress: 0 none, 1 Keras' progress bar, 2 one line per epoch.")
 
 
 def load_data():
@@ -110,11 +120,13 @@ def load_data():
     split = FLAGS.train_split + (f"[:{FLAGS.train_examples}]" if FLAGS.train_examples else "")
     srdl = FLAGS.method == "srdl"
     # SRDL numbers the examples: read them in the same order every time.
-    raw_train, info = pipelines.load_tfds(
-        FLAGS.dataset, split, FLAGS.data_dir, shuffle_files=not srdl, seed=FLAGS.seed,
-        download=FLAGS.download,
-    )
-    raw_test, _ = pipelines.load_tfds(FLAGS.dataset, FLAGS.eval_split, FLAGS.data_dir, download=False)
+    with _cli.user_errors(RuntimeError, FileNotFoundError):  # no data, no network
+        raw_train, info = pipelines.load_tfds(
+            FLAGS.dataset, split, FLAGS.data_dir, shuffle_files=not srdl, seed=FLAGS.seed,
+            download=FLAGS.download,
+        )
+        raw_test, _ = pipelines.load_tfds(FLAGS.dataset, FLAGS.eval_split, FLAGS.data_dir,
+                                          download=False)
     shape, num_classes = pipelines.image_spec(info)
     if FLAGS.image_size:
         shape = (FLAGS.image_size, FLAGS.image_size, shape[-1])
@@ -246,10 +258,10 @@ def main(argv):
     del argv
     validate_flags()
     import keras
-    from keras_dks import backbones, recipes
+    from keras_dks import backbones, distribute, recipes
 
     # First: a multi-worker strategy must start before any other TF work.
-    strategy = recipes.get_strategy(FLAGS.strategy)
+    strategy = distribute.get_strategy(FLAGS.strategy)
     policy = recipes.set_precision(FLAGS.mixed_precision)
     keras.utils.set_random_seed(FLAGS.seed)
     train_ds, test_ds, extraction_ds, steps, shape, num_classes, mean, std = load_data()
@@ -327,12 +339,13 @@ def srdl_optimizer_fn(recipe, steps_per_epoch):
 def build_and_train(strategy, backbone_fn, steps, boundaries, name, model_dir, policy, train_ds,
                     test_ds):
     """Baseline / DS / DKS / DHM: one DKSModel, one fit."""
-    from keras_dks import recipes
+    from keras_dks import methods, recipes
 
     with strategy.scope():
         backbone = backbone_fn()
-        model = recipes.build_model(
-            FLAGS.method, backbone, pairs=FLAGS.pairs, weight_decay=FLAGS.weight_decay,
+        model = methods.build_model(
+            FLAGS.method, backbone, pairs=FLAGS.pairs if FLAGS.method in ("dks", "dhm") else None,
+            weight_decay=FLAGS.weight_decay,
             sync_batchnorm=FLAGS.sync_batchnorm, seed=FLAGS.seed,
         )
         schedule = recipes.step_schedule(FLAGS.lr, steps, boundaries, FLAGS.lr_decay)
@@ -375,4 +388,4 @@ def finish(model, result, train_ds, model_dir, mean, std, name):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -28,6 +28,11 @@ Data: the IDX files in --data_dir; by default the folder of Debian's
 `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist) when it
 is installed, otherwise `keras.datasets.fashion_mnist` (downloads).
 
+Needs, to run offline: the four Fashion-MNIST IDX files (`apt-get install
+dataset-fashion-mnist`, or any folder passed as --data_dir); the packages
+tensorflow (or tensorflow-cpu), keras-dks and matplotlib (`make
+install-demo`). Progress: one line per epoch and method.
+
 Example:
     python examples/fashion_mnist.py
     python examples/fashion_mnist.py --methods baseline,ds,dks --epochs 30 \
@@ -42,6 +47,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "Folder with the four Fashion-MNIST IDX files (.gz or not); "
@@ -66,7 +73,8 @@ flags.DEFINE_integer("steps_per_epoch", 0, "Steps per epoch (0: one pass over th
 flags.DEFINE_integer("eval_steps", 0, "Test batches per evaluation (0: all).")
 flags.DEFINE_string("model_dir", "runs/fashion_mnist", "Output folder.")
 flags.DEFINE_bool("export", True, "Write the SavedModel of the DKS (or last) inference network.")
-flags.DEFINE_integer("verbose", 2, "fit verbosity.")
+flags.DEFINE_integer("verbose", 2, "Progress: 0 none, 1 Keras' progress bar, 2 one line per epoch "
+                     "(labelled with the method).")
 flags.DEFINE_bool("augment", False, "Reflect-pad 4 + random crop + flip on the training images.")
 flags.DEFINE_integer("eval_every", 0, "Evaluate on the test set every N epochs (0: at the end only).")
 flags.DEFINE_integer("jobs", 0, "Methods trained at once, each in its own process with "
@@ -140,7 +148,8 @@ def load_subsets():
     from keras_dks.data import fashion_mnist
 
     data_dir = FLAGS.data_dir or fashion_mnist.default_data_dir()
-    (x_train, y_train), (x_test, y_test) = fashion_mnist.load_data(data_dir)
+    with _cli.user_errors(OSError, RuntimeError, ValueError):  # missing, offline, unreadable
+        (x_train, y_train), (x_test, y_test) = fashion_mnist.load_data(data_dir)
     x_train, y_train = fashion_mnist.subset(x_train, y_train, FLAGS.train_examples)
     x_test, y_test = fashion_mnist.subset(x_test, y_test, FLAGS.test_examples)
     return data_dir, (x_train, y_train), (x_test, y_test)
@@ -149,7 +158,7 @@ def load_subsets():
 def train_method(method, train, test):
     """Train one method from seed FLAGS.seed; returns (report dict, model)."""
     import keras
-    from keras_dks import backbones, recipes
+    from keras_dks import backbones, methods, recipes
     from keras_dks.data import fashion_mnist
 
     (x_train, y_train), (x_test, y_test) = train, test
@@ -176,10 +185,10 @@ def train_method(method, train, test):
     )
     title = f"Fashion-MNIST WRN-{FLAGS.depth}-{FLAGS.width} {method}"
     run = dict(model_dir=os.path.join(FLAGS.model_dir, method), batch_size=FLAGS.batch_size,
-               verbose=FLAGS.verbose, title=title,
+               verbose=FLAGS.verbose, label=method, title=title,
                validation_freq=FLAGS.eval_every or FLAGS.epochs)
     if srdl:
-        print(f"\n== srdl: two stages of {FLAGS.epochs // 2} epochs")
+        print(f"{method:<8} two stages of {FLAGS.epochs // 2} epochs")
         extraction_ds = fashion_mnist.make_dataset(
             x_train, y_train, training=False, batch_size=500, with_index=True)
         result = recipes.train_srdl(
@@ -190,10 +199,11 @@ def train_method(method, train, test):
         )
         model = result.pop("model")
     else:
-        model = recipes.build_model(method, backbone_fn(), weight_decay=FLAGS.weight_decay,
+        model = methods.build_model(method, backbone_fn(), weight_decay=FLAGS.weight_decay,
                                     seed=FLAGS.seed)
         model.compile(optimizer=optimizer(), metrics=["accuracy"])
-        print(f"\n== {method}: heads {model.head_names}, {model.count_params():,} parameters")
+        print(f"{method:<8} heads {', '.join(model.head_names)}; "
+              f"{model.count_params():,} parameters")
         result = recipes.train(
             model, train_ds, test_ds, epochs=FLAGS.epochs,
             steps_per_epoch=FLAGS.steps_per_epoch or None, **run,
@@ -203,10 +213,17 @@ def train_method(method, train, test):
 
 
 def _train_in_child(argv, method, threads):
-    """One method in a fresh process (spawned: no TensorFlow state inherited)."""
+    """One method in a fresh process (spawned: no TensorFlow state inherited).
+
+    Its output is line-buffered: every line reaches the shared terminal in
+    one write, whole, labelled with the method by `recipes.EpochProgress`.
+    """
+    sys.stdout.reconfigure(line_buffering=True)
+    FLAGS(argv)
+    _cli.quiet_logs()
+    _cli.quiet_tensorflow()
     import tensorflow as tf
 
-    FLAGS(argv)
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     _, train, test = load_subsets()
@@ -324,7 +341,7 @@ def main(argv):
               f"main-head test error - DKS's) {gain:+.2f} points.")
     for line in study_lines():
         print(line)
-    print(f"curves: {curves}")
+    print(f"Picture (train and test error per head): {curves}")
     if FLAGS.export:
         method = "dks" if "dks" in results else methods[-1]
         model = models.get(method) or keras.models.load_model(
@@ -338,4 +355,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

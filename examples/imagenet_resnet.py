@@ -33,6 +33,14 @@ first run prepares the TFDS records under --data_dir), or point --data_dir
 at already prepared data. Any other TFDS image classification dataset works
 through --dataset (e.g. `imagenette/320px` with --eval_split validation).
 
+Needs, to run offline: `imagenet2012` prepared by TFDS under --data_dir,
+or its two archives in --manual_dir (nothing is downloaded; another
+--dataset is downloaded by TFDS unless prepared, and without network that
+stops within seconds saying so); the packages tensorflow (or
+tensorflow-cpu), tensorflow-datasets and keras-dks, matplotlib for the
+curves, keras-cv for `--crop keras_cv`. Progress: one line per epoch
+(`--verbose 1`: Keras' progress bar).
+
 Outputs as in `cifar100_wrn.py`: checkpoints (re-run to resume),
 TensorBoard, history JSON, per-head error curves PNG, model.keras, a
 SavedModel with --export_dir, and a one-line summary.
@@ -51,6 +59,8 @@ from absl import app
 from absl import flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Network.
@@ -107,7 +117,7 @@ flags.DEFINE_integer("eval_steps", 0, "Test batches per evaluation (0: the whole
 flags.DEFINE_integer("validation_freq", 1, "Evaluate every N epochs.")
 flags.DEFINE_integer("benchmark_steps", 50, "Batches to time the input pipeline alone (0: skip).")
 flags.DEFINE_bool("save_model", True, "Save the trained model as model_dir/model.keras.")
-flags.DEFINE_integer("verbose", 2, "fit verbosity.")
+flags.DEFINE_integer("verbose", 2, "Progress: 0 none, 1 Keras' progress bar, 2 one line per epoch.")
 
 
 def arch_depth(arch):
@@ -133,15 +143,16 @@ def load_data():
         if crop == "auto":
             crop = "keras_cv" if imagenet.keras_cv_crop(FLAGS.image_size) is not None else "inception"
     split = FLAGS.train_split + (f"[:{FLAGS.train_examples}]" if FLAGS.train_examples else "")
-    raw_train, info = pipelines.load_tfds(
-        FLAGS.dataset, split, FLAGS.data_dir, manual_dir=FLAGS.manual_dir, shuffle_files=True,
-        seed=FLAGS.seed, download=FLAGS.download,
-        # The tf.image crop decodes only its window of each JPEG.
-        decode_images=crop == "keras_cv",
-    )
-    raw_test, _ = pipelines.load_tfds(
-        FLAGS.dataset, FLAGS.eval_split, FLAGS.data_dir, decode_images=False, download=False
-    )
+    with _cli.user_errors(RuntimeError, FileNotFoundError):  # no data, no network
+        raw_train, info = pipelines.load_tfds(
+            FLAGS.dataset, split, FLAGS.data_dir, manual_dir=FLAGS.manual_dir, shuffle_files=True,
+            seed=FLAGS.seed, download=FLAGS.download,
+            # The tf.image crop decodes only its window of each JPEG.
+            decode_images=crop == "keras_cv",
+        )
+        raw_test, _ = pipelines.load_tfds(
+            FLAGS.dataset, FLAGS.eval_split, FLAGS.data_dir, decode_images=False, download=False
+        )
     _, num_classes = pipelines.image_spec(info)
     n_train = pipelines.num_examples(info, split, raw_train)
     steps = FLAGS.steps_per_epoch or pipelines.steps_per_epoch(n_train, FLAGS.batch_size)
@@ -182,10 +193,10 @@ def build_backbone(arch, num_classes, image_size, sync_batchnorm=False, head_blo
 def main(argv):
     del argv
     import keras
-    from keras_dks import recipes
+    from keras_dks import distribute, methods, recipes
     from keras_dks.data import imagenet, pipelines
 
-    strategy = recipes.get_strategy(FLAGS.strategy)  # first, before other TF work
+    strategy = distribute.get_strategy(FLAGS.strategy)  # first, before other TF work
     policy = recipes.set_precision(FLAGS.mixed_precision)
     keras.utils.set_random_seed(FLAGS.seed)
     train_ds, test_ds, steps, num_classes = load_data()
@@ -193,8 +204,9 @@ def main(argv):
     with strategy.scope():
         backbone = build_backbone(FLAGS.arch, num_classes, FLAGS.image_size, FLAGS.sync_batchnorm,
                                   FLAGS.head_blocks)
-        model = recipes.build_model(
-            FLAGS.method, backbone, num_classes=num_classes, pairs=FLAGS.pairs,
+        model = methods.build_model(
+            FLAGS.method, backbone, num_classes=num_classes,
+            pairs=FLAGS.pairs if FLAGS.method in ("dks", "dhm") else None,
             weight_decay=FLAGS.weight_decay, sync_batchnorm=FLAGS.sync_batchnorm, seed=FLAGS.seed,
         )
         schedule = recipes.step_schedule(
@@ -235,4 +247,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -19,6 +19,12 @@ Runs offline in seconds with the defaults (synthetic data). Real data:
 `--data fashion_mnist` reads the IDX files of the Debian package
 `dataset-fashion-mnist` (`/usr/share/datasets/fashion-mnist`).
 
+Needs, to run offline: nothing but the packages tensorflow (or
+tensorflow-cpu) and keras-dks with the default synthetic data; with
+`--data fashion_mnist` the four Fashion-MNIST IDX files in `--data-dir`
+(`apt-get install dataset-fashion-mnist`). Progress: one line per epoch of
+each of the three trainings (`--verbose`).
+
 Example:
     python examples/kd_distiller.py                      # synthetic, ~20 s
     python examples/kd_distiller.py --data fashion_mnist --num-train 5000 \\
@@ -38,7 +44,10 @@ from keras_dks import methods
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Needs, to run offline"):__doc__.index("Example:")],
+    )
     p.add_argument("--data", choices=["synthetic", "fashion_mnist"], default="synthetic")
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--num-train", type=int, default=512)
@@ -57,7 +66,23 @@ def parse_args(argv=None):
         help="Distiller's weight on CE; (1 - w) goes to T^2 KL.",
     )
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--verbose", type=int, choices=[0, 1, 2], default=2,
+                   help="0 silent, 1 Keras' progress bar, 2 one line per epoch.")
+    args = p.parse_args(argv)
+    if args.data == "fashion_mnist" and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir} is not a folder: pass the folder of the four "
+                "Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist puts them in "
+                "/usr/share/datasets/fashion-mnist).")
+    return args
+
+
+def progress(args, label):
+    """`fit` keyword arguments for the progress display of `--verbose`."""
+    if args.verbose != 2:
+        return {"verbose": args.verbose}
+    from keras_dks import recipes
+
+    return {"verbose": 0, "callbacks": [recipes.EpochProgress(label=label)]}
 
 
 # ---------------------------------------------------------------------------
@@ -158,7 +183,8 @@ def main(argv=None):
         **({} if args.teacher_method == "baseline" else {"taps": ["s1", "s2"]}),
     )
     dks.compile(optimizer=keras.optimizers.Adam(args.lr), metrics=["accuracy"])
-    dks.fit(x, y, batch_size=args.batch_size, epochs=args.teacher_epochs, verbose=0)
+    dks.fit(x, y, batch_size=args.batch_size, epochs=args.teacher_epochs,
+            **progress(args, "teacher"))
     teacher = methods.frozen_teacher(dks)
     print(f"teacher ({args.teacher_method}, heads {dks.head_names}): "
           f"test acc {accuracy(teacher, xt, yt):.4f}  [{time.time() - t0:.1f}s]")
@@ -176,7 +202,7 @@ def main(argv=None):
     distiller.compile(optimizer=keras.optimizers.Adam(args.lr), loss=ce,
                       metrics=["accuracy"])
     hist = distiller.fit(x, y, batch_size=args.batch_size, epochs=args.student_epochs,
-                         verbose=0)
+                         **progress(args, "student+KD"))
     losses = hist.history["total_loss"]
     print(f"student + KD: test acc {accuracy(distiller.student, xt, yt):.4f}  "
           f"total_loss {losses[0]:.3f} -> {losses[-1]:.3f}  [{time.time() - t0:.1f}s]")
@@ -185,7 +211,8 @@ def main(argv=None):
     t0 = time.time()
     alone = cnn(size, channels, args.student_width, classes, name="student_alone")
     alone.compile(optimizer=keras.optimizers.Adam(args.lr), loss=ce, metrics=["accuracy"])
-    alone.fit(x, y, batch_size=args.batch_size, epochs=args.student_epochs, verbose=0)
+    alone.fit(x, y, batch_size=args.batch_size, epochs=args.student_epochs,
+              **progress(args, "student"))
     print(f"student alone: test acc {accuracy(alone, xt, yt):.4f}  "
           f"[{time.time() - t0:.1f}s]")
     return distiller

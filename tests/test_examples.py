@@ -19,11 +19,11 @@ import textwrap
 import time
 import zipfile
 
-import h5py
 import keras
 import numpy as np
 import pytest
 
+from helpers import offline_command, require_fashion_mnist_package
 from keras_dks.data import fashion_mnist
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +116,8 @@ def _kill_when(proc, path, timeout=600):
 
 
 def _epochs_started(stdout):
-    return [int(m) for m in re.findall(r"^Epoch (\d+)/\d+", stdout, flags=re.M)]
+    # recipes.EpochProgress: "[label] Epoch k/n - ...", one line per epoch.
+    return [int(m) for m in re.findall(r"^(?:.* )?Epoch (\d+)/\d+ - ", stdout, flags=re.M)]
 
 
 def run_killed_then_again(script, args, backup, mock_examples):
@@ -131,14 +132,11 @@ def run_killed_then_again(script, args, backup, mock_examples):
     return done, _epochs_started(out), out
 
 
-def optimizer_iterations(keras_file, tmp_path):
-    """The optimizer step counter stored in a .keras file."""
-    with zipfile.ZipFile(keras_file) as z:
-        z.extract("model.weights.h5", tmp_path)
-    found = []
-    with h5py.File(tmp_path / "model.weights.h5") as f:
-        f.visititems(lambda name, obj: found.append(int(obj[()])) if name == "optimizer/vars/0" else None)
-    return found
+def optimizer_iterations(keras_file):
+    """The optimizer step counter stored in a .keras file (the inner
+    optimizer's under `SkipNonFinite`, which `iterations` reads)."""
+    model = keras.models.load_model(keras_file)
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 def test_cifar100_wrn_dks_mocked_killed_and_run_again(tmp_path):
@@ -161,7 +159,7 @@ def test_cifar100_wrn_dks_mocked_killed_and_run_again(tmp_path):
         history = json.load(f)["history"]
     # One row per epoch: the killed run's first epoch kept, none repeated.
     assert len(history["val_accuracy"]) == 3 and "synergy_loss" in history
-    assert optimizer_iterations(model_dir / "model.keras", tmp_path) == [6]
+    assert optimizer_iterations(model_dir / "model.keras") == 6
     assert saved_config(model_dir / "model.keras")["compile_config"]["jit_compile"] is True
     for name in ("curves.png", "model.keras"):
         assert (model_dir / name).stat().st_size > 0
@@ -324,9 +322,9 @@ def test_imagenet_resnet50_taps():
         """
         import sys
         sys.path.insert(0, sys.argv[1])
-        from keras_dks import recipes
+        from keras_dks import methods
         from imagenet_resnet import build_backbone
-        model = recipes.build_model("dks", build_backbone("keras_resnet50", 10, 32), num_classes=10)
+        model = methods.build_model("dks", build_backbone("keras_resnet50", 10, 32), num_classes=10)
         print(model.taps)
         """
     )
@@ -346,29 +344,63 @@ def per_head_rows(stdout):
     return rows
 
 
-@pytest.mark.skipif(
-    not os.path.isdir(fashion_mnist.DEBIAN_DIR), reason="dataset-fashion-mnist not installed"
-)
+def run_demo(args):
+    """examples/fashion_mnist.py with `args`; returns its stdout after
+    checking what a terminal shows: no TensorFlow / absl noise, no traceback,
+    and every line whole: a method's labelled progress line or one of the
+    demo's own lines."""
+    proc = subprocess.run(_command("fashion_mnist.py", args), capture_output=True, text=True,
+                          timeout=600, env=_env(), cwd=REPO)
+    assert proc.returncode == 0, f"failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    for noise in ("oneDNN", "cpu_feature_guard", "absl::InitializeLog", "Assets written",
+                  "Traceback", "I0000"):
+        assert noise not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    for line in proc.stdout.splitlines():
+        if re.match(r"^(baseline|dks|srdl)\s", line):
+            method = line.split()[0]
+            # A method's line is whole: one label, then one line's text
+            # (its size, a progress line, or its row of the final table).
+            assert re.match(rf"^{method} +(heads |two stages |(stage \d )?Epoch \d+/\d+ - \d+ "
+                            r"steps - |\w+ +\d+\.\d\d%)", line), line
+            assert len(re.findall(r"Epoch \d+/", line)) <= 1, line
+    return proc.stdout
+
+
+def progress_lines(stdout, method):
+    return [l for l in stdout.splitlines() if re.match(rf"^{method} +(stage \d )?Epoch ", l)]
+
+
 def test_fashion_mnist_real_idx(tmp_path):
-    out = run_example(
-        "fashion_mnist.py",
+    """The demo on the real files, the methods one after the other
+    (--jobs 1); the synthetic test below runs them side by side."""
+    data_dir = require_fashion_mnist_package()
+    out = run_demo(
         ["--depth", "10", "--width", "1", "--epochs", "2", "--steps_per_epoch", "2",
-         "--batch_size", "16", "--train_examples", "64", "--test_examples", "100",
+         "--batch_size", "16", "--train_examples", "64", "--test_examples", "100", "--jobs", "1",
          "--model_dir", str(tmp_path / "run")],
     )
-    assert "Fashion-MNIST from /usr/share/datasets/fashion-mnist: 64 training / 100 test" in out
+    assert f"Fashion-MNIST from {data_dir}: 64 training / 100 test" in out
     rows = per_head_rows(out)
     assert set(rows) == {("baseline", "main"), ("dks", "main"), ("dks", "aux_group1"),
                          ("dks", "aux_group0")}
     assert all(0 <= v <= 100 for v in rows.values())
-    assert (tmp_path / "run" / "curves.png").stat().st_size > 0
-    assert (tmp_path / "run" / "saved_model" / "1" / "saved_model.pb").exists()
+    # One line per epoch and method; the baseline's without DKS-only columns.
+    baseline, dks = progress_lines(out, "baseline"), progress_lines(out, "dks")
+    assert len(baseline) == 2 and len(dks) == 2, out
+    assert not any(k in l for l in baseline for k in ("synergy", "skipped", "aux_"))
+    assert all("synergy_loss" in l and "aux_group0_accuracy" in l for l in dks)
+    picture = tmp_path / "run" / "curves.png"
+    assert f"Picture (train and test error per head): {picture}" in out
+    assert picture.stat().st_size > 0
+    saved = tmp_path / "run" / "saved_model" / "1"
+    assert f"SavedModel of the dks inference network: {saved}" in out
+    assert (saved / "saved_model.pb").exists()
     assert (tmp_path / "run" / "dks" / "history.json").exists()
 
 
-def test_fashion_mnist_synthetic_idx(tmp_path):
-    # --jobs 1: the methods one after the other in one process (the real-data
-    # test above runs them side by side, one process each, as `make demo`).
+def test_fashion_mnist_synthetic_idx_side_by_side(tmp_path):
+    """The demo's parallel path (--jobs 2: one process per method, as
+    `make demo`) on synthetic IDX files: whole labelled lines from both."""
     rng = np.random.default_rng(0)
     data = tmp_path / "idx"
     data.mkdir()
@@ -380,19 +412,42 @@ def test_fashion_mnist_synthetic_idx(tmp_path):
             header = bytes([0, 0, 8, array.ndim]) + b"".join(
                 int(d).to_bytes(4, "big") for d in array.shape)
             (data / stem).write_bytes(header + array.tobytes())
-    out = run_example(
-        "fashion_mnist.py",
+    out = run_demo(
         ["--data_dir", str(data), "--methods", "baseline,srdl", "--depth", "10", "--epochs", "2",
-         "--batch_size", "16", "--train_examples", "0", "--noexport", "--jobs", "1",
+         "--batch_size", "16", "--train_examples", "0", "--noexport", "--jobs", "2",
          "--model_dir", str(tmp_path / "run")],
     )
     assert "40 training / 20 test images" in out
+    assert "Training baseline, srdl side by side: 2 processes" in out
     assert set(per_head_rows(out)) == {("baseline", "main"), ("srdl", "main")}
+    assert len(progress_lines(out, "baseline")) == 2
+    assert [l.split()[1:3] for l in progress_lines(out, "srdl")] == [["stage", "1"], ["stage", "2"]]
     with open(tmp_path / "run" / "srdl" / "history.json") as f:
         history = json.load(f)["history"]
     # Two stages of one epoch; only stage 2 distils.
     assert len(history["accuracy"]) == 2 and np.isnan(history["distill_loss"][0])
     assert np.isfinite(history["distill_loss"][1])
+
+
+def test_cifar100_wrn_offline_fails_fast_without_traceback(tmp_path):
+    """No network, cifar100 not prepared: the example exits with status 1
+    and the loader's message (naming --data_dir) in seconds, not after
+    TFDS' ~3.5 minutes of retries, and without a traceback."""
+    command, env = offline_command(_command("cifar100_wrn.py", [
+        "--epochs", "1", "--lr_boundaries", "", "--data_dir", str(tmp_path / "tfds"),
+        "--model_dir", str(tmp_path / "run")]))
+    start = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env(**env),
+                          cwd=REPO)
+    seconds = time.monotonic() - start
+    assert proc.returncode == 1, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert ("cifar100_wrn.py: error: Could not download TFDS dataset 'cifar100': no connection"
+            in proc.stderr), proc.stderr[-3000:]
+    assert "pass data_dir (--data_dir)" in proc.stderr
+    # Importing TensorFlow takes most of it (5-20 s on a loaded 2-core
+    # machine); TFDS alone would retry for ~205 s.
+    assert seconds < 60, seconds
 
 
 def _study_lines(*flag_sets):
