@@ -35,55 +35,70 @@ def test_compile_rejects_loss():
         model.compile(optimizer="sgd", loss_weights=[1.0, 0.5, 0.5])
 
 
-def _bad_label_step(labels, x):
-    """(loss of one skipped train step, weights unchanged?, eval loss)."""
+def _label_steps(x, good, bads):
+    """One model (SGD under SkipNonFinite): a step on `good` labels, then one
+    on each of `bads`. Returns the good step's (loss, weights moved) and per
+    bad labels (loss, weights unchanged, evaluate's loss), and the skips."""
     model = DKSModel(tiny_backbone(), num_classes=5, head="simple")
     model.compile(optimizer=SkipNonFinite(keras.optimizers.SGD(0.1)))
     before = [w.copy() for w in model.get_weights()]
-    logs = model.train_on_batch(x, labels, return_dict=True)
-    same = all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    ev = model.evaluate(x, labels, verbose=0, return_dict=True)
-    return logs["loss"], same, ev["loss"], int(model.optimizer.skipped_steps)
+    loss = model.train_on_batch(x, good, return_dict=True)["loss"]
+    moved = any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    results = []
+    for labels in bads:
+        before = [w.copy() for w in model.get_weights()]
+        bad_loss = model.train_on_batch(x, labels, return_dict=True)["loss"]
+        same = all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+        ev_loss = model.evaluate(x, labels, verbose=0, return_dict=True)["loss"]
+        results.append((bad_loss, same, ev_loss))
+    return (loss, moved), results, int(model.optimizer.skipped_steps)
 
 
-@pytest.mark.parametrize("bad", [5, -1])
-def test_labels_out_of_range(bad):
+def _assert_skipped(good, bad, skipped, count):
+    # The good labels train; each bad batch's loss is NaN, its step skipped.
+    assert np.isfinite(good[0]) and good[1]
+    for loss, same, ev_loss in bad:
+        assert np.isnan(loss) and np.isnan(ev_loss) and same
+    assert skipped == count
+
+
+def test_labels_out_of_range():
     # check_labels names the range; inside a step the label's target is NaN,
     # so the loss is NaN and SkipNonFinite skips the step.
     x, y = data(8)
-    y[3] = bad
-    with pytest.raises(ValueError, match=r"\[0, 5\)"):
-        losses.check_labels(y, 5)
-    loss, same, ev_loss, skipped = _bad_label_step(y, x)
-    assert np.isnan(loss) and np.isnan(ev_loss) and same and skipped == 1
+    bads = []
+    for bad in (5, -1):
+        yb = y.copy()
+        yb[3] = bad
+        with pytest.raises(ValueError, match=r"\[0, 5\)"):
+            losses.check_labels(yb, 5)
+        bads.append(yb)
+    _assert_skipped(*_label_steps(x, y, bads), count=2)
 
 
 def test_float_labels_are_rejected_not_truncated():
     x, y = data(8)
     yf = y.astype("float32")
     losses.check_labels(yf, 5)  # integral floats are fine
-    loss, same, _, _ = _bad_label_step(yf, x)
-    assert np.isfinite(loss) and not same
-    yf[2] = 2.5
+    bad = yf.copy()
+    bad[2] = 2.5
     with pytest.raises(ValueError, match="2.5.*would be truncated"):
-        losses.check_labels(yf, 5)
-    loss, same, ev_loss, skipped = _bad_label_step(yf, x)
-    assert np.isnan(loss) and np.isnan(ev_loss) and same and skipped == 1
+        losses.check_labels(bad, 5)
+    _assert_skipped(*_label_steps(x, yf, [bad]), count=1)
 
 
-@pytest.mark.parametrize("row", ["sum_5", "negative", "nan"])
-def test_soft_labels_must_sum_to_one(row):
+def test_soft_labels_must_sum_to_one():
     x, _ = data(8)
     soft = np.full((8, 5), 0.2, "float32")
     losses.check_labels(soft, 5)
-    loss, same, _, _ = _bad_label_step(soft, x)
-    assert np.isfinite(loss) and not same
-    soft[4] = {"sum_5": [1.0] * 5, "negative": [-0.2, 0.4, 0.4, 0.2, 0.2],
-               "nan": [np.nan, 0.25, 0.25, 0.25, 0.25]}[row]
-    with pytest.raises(ValueError, match=r"row 4 .*Normalise"):
-        losses.check_labels(soft, 5)
-    loss, same, ev_loss, skipped = _bad_label_step(soft, x)
-    assert np.isnan(loss) and np.isnan(ev_loss) and same and skipped == 1
+    bads = []
+    for row in ([1.0] * 5, [-0.2, 0.4, 0.4, 0.2, 0.2], [np.nan, 0.25, 0.25, 0.25, 0.25]):
+        bad = soft.copy()
+        bad[4] = row  # sums to 5; negative (sums to 1); NaN
+        with pytest.raises(ValueError, match=r"row 4 .*Normalise"):
+            losses.check_labels(bad, 5)
+        bads.append(bad)
+    _assert_skipped(*_label_steps(x, soft, bads), count=3)
 
 
 # --------------------------------------------------------------------------
