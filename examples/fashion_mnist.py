@@ -14,12 +14,14 @@ time (measured at 2k images: baseline 264 s, DKS 498 s; neither XLA nor a
 second intra- or inter-op thread for DKS made it faster: the DKS step costs
 about twice the baseline's, work that the two cores already share).
 
-It prints every head's test accuracy for each method, then the committed
-paired result of its recipe and the headline study's beside it: one seed
-shows the method running, the seeds of the studies show whether it helps.
-It writes, under --model_dir:
+It prints one line per epoch and method (whole lines, labelled with the
+method, also when the methods train side by side), then every head's test
+accuracy for each method, then the committed paired result of its recipe
+and the headline study's beside it: one seed shows the method running, the
+seeds of the studies show whether it helps. It writes, under --model_dir:
 
-- `curves.png`: per-head train/test error of all methods (paper Figure 1),
+- `curves.png`: per-head training error (lines) and test error (marked
+  points) of all methods, with a panel zoomed on the final test errors,
 - `<method>/`: checkpoints, history JSON, curves and model.keras of a run,
 - `saved_model/1/`: TF Serving SavedModel of the DKS inference network
   (backbone + main head only; takes raw uint8 28x28x1 images).
@@ -316,7 +318,8 @@ def main(argv):
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, cores // jobs)
-        print(f"Training {', '.join(methods)} side by side: {jobs} processes x {threads} threads")
+        print(f"Training {', '.join(methods)} side by side: {jobs} processes x {threads} "
+              f"thread{'s' if threads > 1 else ''}", flush=True)
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {m: pool.submit(_train_in_child, list(sys.argv), m, threads) for m in methods}
             results = {m: f.result() for m, f in futures.items()}
