@@ -1,4 +1,5 @@
-"""SRDL: the paper's recipe as the default, and clear errors for bad inputs.
+"""SRDL: the paper's recipe as the default, clear errors for bad inputs, the
+same training on TensorFlow, JAX and PyTorch.
 
 The recipe numbers are the SRDL paper's (Lan, Zhu & Gong, ACCV 2018,
 section 4, "Implementation Details"): "SGD with Nesterov momentum ...
@@ -160,3 +161,113 @@ def test_srdl_rejects_out_of_range_labels_with_the_range():
     # Fine labels still train.
     history1, history2 = SRDL(logits_net, epochs=2).fit(x, y, batch_size=8, verbose=0)
     assert np.isfinite(history2.history["loss"][-1])
+
+
+# ---------------------------------------------------------------------------
+# Every backend
+# ---------------------------------------------------------------------------
+BACKEND_SCRIPT = """
+import json, sys
+import numpy as np
+import keras
+from keras_dks.methods import SRDL, SRDLModel
+
+
+def main(path):
+
+    def net():
+        model = keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(),
+                                  keras.layers.Dense(8, activation="relu"), keras.layers.Dense(5)])
+        rng = np.random.default_rng(3)
+        model.set_weights([rng.normal(0, 0.3, w.shape).astype("float32") for w in model.get_weights()])
+        return model
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(16, 4, 4, 3)).astype("float32")
+    y = rng.integers(0, 5, 16)
+    srdl = SRDL(net(), epochs=4, restart=False, weight_decay=1e-3,
+                optimizer_fn=lambda steps: keras.optimizers.SGD(0.1, momentum=0.9))
+    h1, h2 = srdl.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    # A label outside [0, 5) and an index outside the table: NaN loss off TensorFlow.
+    trainer = srdl.trainers[1]
+    logits = srdl.model(x[:4])
+    index = np.arange(4)
+    def loss_or_error(**kwargs):
+        try:
+            return float(keras.ops.convert_to_numpy(trainer.compute_loss(y_pred=logits, **kwargs)))
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+
+    bad_label = loss_or_error(x=(x[:4], index), y=np.array([0, 1, 7, 2]))
+    bad_index = loss_or_error(x=(x[:4], index + 14), y=y[:4])
+    json.dump(dict(
+        backend=keras.backend.backend(),
+        table=srdl.soft_targets.tolist(),
+        stage1=[w.tolist() for w in srdl.stage1_model.get_weights()],
+        stage2=[w.tolist() for w in srdl.model.get_weights()],
+        loss2=h2.history["loss"], distill=h2.history["distill_loss"],
+        good=loss_or_error(x=(x[:4], index), y=y[:4]), bad_label=bad_label, bad_index=bad_index,
+    ), open(path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+"""
+
+
+def run_on_backend(backend, tmp_path):
+    """BACKEND_SCRIPT's record: in this (TensorFlow) process, or in a
+    subprocess with KERAS_BACKEND=backend."""
+    out = tmp_path / f"{backend}.json"
+    if backend == keras.backend.backend():
+        namespace = {"__name__": "srdl_backend"}
+        exec(BACKEND_SCRIPT, namespace)
+        namespace["main"](str(out))
+        return json.loads(out.read_text())
+    script = tmp_path / "srdl_backend.py"
+    script.write_text(BACKEND_SCRIPT)
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    if backend != "tensorflow":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+_REFERENCE = {}
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_srdl_trains_the_same_on_every_backend(backend, tmp_path):
+    """Both stages (8 SGD steps, the soft-target table, the stage-2 KL on
+    its rows, weight decay) on JAX / PyTorch give TensorFlow's numbers."""
+    if "tensorflow" not in _REFERENCE:
+        _REFERENCE["tensorflow"] = run_on_backend("tensorflow", tmp_path)
+    want = _REFERENCE["tensorflow"]
+    got = run_on_backend(backend, tmp_path)
+    assert got["backend"] == backend
+    # float32, 8 steps of a 2-layer net: each step's rounding (~1e-7
+    # relative) compounds over 8 steps and 2 stages; 1e-5 leaves ~10x.
+    np.testing.assert_allclose(got["table"], want["table"], rtol=1e-5, atol=1e-6)
+    for stage in ("stage1", "stage2"):
+        for a, b in zip(got[stage], want[stage]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["loss2"], want["loss2"], rtol=1e-5)
+    # The KL is a difference of two sums of t * log(.) ~ log(5) each, times
+    # T^2 = 9: float32 rounding leaves ~1e-6 * 9 * log(5) absolute.
+    np.testing.assert_allclose(got["distill"], want["distill"], rtol=1e-5,
+                               atol=1e-6 * 9 * np.log(5))
+    assert min(want["distill"]) > 0  # the KL term is on and logged
+    assert np.isfinite(got["good"]) and np.isclose(got["good"], want["good"], rtol=1e-5)
+    # TensorFlow fails the step (tests above); an index outside the table
+    # gives a NaN loss elsewhere; a label outside [0, 5) too, unless the
+    # backend's own cross-entropy raises first (PyTorch's runs eagerly).
+    assert isinstance(want["bad_label"], str) and "keras_dks SRDL" in want["bad_label"]
+    assert isinstance(want["bad_index"], str) and "soft-target table" in want["bad_index"]
+    assert np.isnan(got["bad_index"])
+    if backend == "jax":
+        assert np.isnan(got["bad_label"])
+    else:
+        assert np.isnan(got["bad_label"]) if not isinstance(got["bad_label"], str) else (
+            "out of bounds" in got["bad_label"]), got["bad_label"]

@@ -8,11 +8,11 @@ Two stages in the budget of M epochs:
    random weights and train M/2 more epochs, again with a complete
    schedule, on CE + T^2 KL(stored || softmax(z/T)).
 
-`SRDL` drives `keras.Model.fit` twice. The soft targets are looked up by
-example index inside the compiled train step (`tf.gather` on an (n, C)
-table held in a non-trainable variable), so the training data must carry
-each example's index: `with_index` adds it to a `tf.data` pipeline, and
-NumPy inputs get it automatically.
+`SRDL` drives `keras.Model.fit` twice, on TensorFlow, JAX or PyTorch. The
+soft targets are looked up by example index inside the compiled train step
+(`keras.ops.take` on an (n, C) table held in a non-trainable variable), so
+the training data must carry each example's index: NumPy inputs get it
+automatically, and `with_index` adds it to a `tf.data` pipeline.
 
 The paper's recipe (SRDL paper, section 4, "Implementation Details"): SGD
 with Nesterov momentum 0.9, lr 0.1 multiplied by 0.1 at 50 % and 75 % of
@@ -26,17 +26,15 @@ import collections
 import contextlib
 import math
 import os
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from keras_dks import adapt
-from keras_dks import distribute as distribute_lib
 from keras_dks import losses as losses_lib
 from keras_dks import utils
-from keras_dks.data.pipelines import with_index  # noqa: F401 (re-exported)
 
 
 # The SRDL paper's training recipe (section 4, Implementation Details).
@@ -77,23 +75,39 @@ def _num_classes(model):
     return None
 
 
-def _require_tensorflow(what):
-    # The soft-target table, label checks and stage driver are tf.data /
-    # tf.function code; fail here rather than deep inside the first step.
-    distribute_lib.require_tensorflow_backend(
-        what,
-        uses="tf.data pipelines and tf.function",
-        alternative="train DKSModel / DHMModel, which run on every backend",
-    )
+def _checked(value, condition, message):
+    """`value`, computed after checking `condition` (a boolean tensor) on
+    TensorFlow: a step where it is not all true fails with `message`. Other
+    backends cannot raise inside a compiled step; the callers poison the
+    loss with NaN there instead."""
+    if keras.backend.backend() != "tensorflow":
+        return value
+    import tensorflow as tf
+
+    with tf.control_dependencies([tf.debugging.Assert(tf.reduce_all(condition), [message])]):
+        return tf.identity(value)
+
+
+def _checked_labels(y, num_classes):
+    """`(y, penalty)`: the labels, checked before the loss reads them (see
+    `_checked`), and 0, or NaN when an integer label lies outside
+    `[0, num_classes)`. One-hot targets of a custom loss have no range."""
+    y = ops.convert_to_tensor(y)
+    if "int" not in keras.backend.standardize_dtype(y.dtype):
+        return y, 0.0
+    in_range = ops.logical_and(y >= 0, y < ops.cast(num_classes, y.dtype))
+    valid = ops.all(in_range)
+    return _checked(y, valid, _LABEL_ERROR), ops.where(valid, 0.0, float("nan"))
 
 
 @contextlib.contextmanager
 def _label_errors_as_value_error(num_classes):
-    """Turn the in-graph label check of `SRDLModel` (an InvalidArgumentError
-    at the first bad batch of a dataset) into a ValueError naming the fix."""
+    """Turn the in-step label check of `SRDLModel` (TensorFlow fails the
+    first bad batch of a dataset with `_LABEL_ERROR`) into a ValueError
+    naming the fix."""
     try:
         yield
-    except tf.errors.InvalidArgumentError as e:
+    except Exception as e:
         if _LABEL_ERROR not in str(e):
             raise
         raise ValueError(
@@ -102,6 +116,27 @@ def _label_errors_as_value_error(num_classes):
             "that range. Fix the labels or build the classifier with the right "
             "number of classes."
         ) from None
+
+
+def _is_tf_dataset(x):
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(x, tf.data.Dataset)
+
+
+def with_index(dataset):
+    """`keras_dks.data.pipelines.with_index`: `(image, label)` examples ->
+    `((image, index), label)`, index = position in `dataset` (apply before
+    shuffling). Needs TensorFlow (tf.data), on any Keras backend.
+
+    Example:
+    ```python
+    ds = keras_dks.methods.with_index(
+        tf.data.Dataset.from_tensor_slices((images, labels))).batch(32)
+    ```
+    """
+    from keras_dks.data.pipelines import with_index as add_index
+
+    return add_index(dataset)
 
 
 def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
@@ -166,7 +201,10 @@ class SRDLModel(keras.Model):
     `soft_targets` is given and in training only,
     `distill_weight * T^2 * KL(soft_targets[index] || softmax(z / T))`,
     summed over classes and averaged over the batch. The table is a
-    non-trainable variable, read with `tf.gather` inside the compiled step.
+    non-trainable variable, read with `keras.ops.take` inside the compiled
+    step. An integer label outside `[0, C)` or an index outside the table
+    fails the step on TensorFlow and makes the batch's loss NaN on JAX and
+    PyTorch (which cannot raise inside a compiled step).
 
     Args:
         model: the classifier (one logits output; a model ending with a
@@ -207,7 +245,6 @@ class SRDLModel(keras.Model):
         table_shape=None,
         **kwargs,
     ):
-        _require_tensorflow("SRDLModel")
         super().__init__(**kwargs)
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be non-negative, got {weight_decay}.")
@@ -246,45 +283,33 @@ class SRDLModel(keras.Model):
         return self.model(images, training=training)
 
     def distillation_targets(self, index):
-        """The stored probabilities of the examples `index`, shape (B, C)."""
-        index = tf.cast(tf.reshape(index, [-1]), tf.int32)
-        table = tf.convert_to_tensor(self.soft_targets)
-        rows = tf.shape(table)[0]
-        # On GPU tf.gather returns zeros for an out-of-range index: check.
-        message = (
-            "SRDL: an example index is outside the stored soft-target table; "
-            "extraction_data / num_examples must cover every training example"
-        )
-        with tf.control_dependencies(
-            [
-                tf.debugging.assert_non_negative(index, message=message),
-                tf.debugging.assert_less(index, rows, message=message),
-            ]
-        ):
-            return tf.gather(table, index)
+        """The stored probabilities of the examples `index`, shape (B, C).
 
-    def _checked_labels(self, y, y_pred):
-        # Integer labels only: one-hot targets of a custom loss have no range.
-        if y is None or not y.dtype.is_integer:
-            return y
-        num_classes = tf.shape(y_pred)[-1]
-        checks = [
-            tf.debugging.assert_non_negative(y, message=_LABEL_ERROR),
-            tf.debugging.assert_less(
-                tf.cast(y, tf.int64), tf.cast(num_classes, tf.int64), message=_LABEL_ERROR
-            ),
-        ]
-        with tf.control_dependencies(checks):
-            return tf.identity(y)
+        An index outside the table gets a NaN row (the loss of its batch is
+        NaN, never trained on another example's target); on TensorFlow the
+        step fails instead with an error naming the fix.
+        """
+        index = ops.reshape(ops.cast(index, "int32"), (-1,))
+        rows = ops.shape(self.soft_targets)[0]
+        valid = ops.logical_and(index >= 0, index < rows)
+        index = _checked(
+            index,
+            valid,
+            "SRDL: an example index is outside the stored soft-target table; "
+            "extraction_data / num_examples must cover every training example",
+        )
+        targets = ops.take(self.soft_targets, ops.clip(index, 0, rows - 1), axis=0)
+        return ops.where(ops.expand_dims(valid, -1), targets, float("nan"))
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        penalty = 0.0
         if y is not None:
-            y = self._checked_labels(tf.convert_to_tensor(y), y_pred)
+            y, penalty = _checked_labels(y, ops.shape(y_pred)[-1])
         loss = super().compute_loss(
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
-        )
+        ) + penalty
         extra = losses_lib.coupled_weight_decay(
             self.model.trainable_variables, self.weight_decay
         )
@@ -299,8 +324,10 @@ class SRDLModel(keras.Model):
             )
         targets = self.distillation_targets(index)
         log_q = ops.log_softmax(ops.cast(y_pred, "float32") / self.temperature, axis=-1)
-        # KL(t || q); xlogy makes 0 * log 0 = 0 for exactly-zero targets.
-        kl = ops.sum(tf.math.xlogy(targets, targets) - targets * log_q, axis=-1)
+        # KL(t || q), with 0 * log 0 = 0 for exactly-zero targets.
+        positive = targets > 0
+        t_log_t = ops.where(positive, targets * ops.log(ops.where(positive, targets, 1.0)), 0.0)
+        kl = ops.sum(t_log_t - targets * log_q, axis=-1)
         distill = (
             self.distill_weight
             * self.temperature**2
@@ -368,8 +395,8 @@ class SRDL:
     Checks before training: the classifier must output logits (a final
     softmax or sigmoid raises a ValueError naming the fix), and integer
     labels of NumPy inputs must lie in [0, num_classes); labels of a
-    `tf.data` pipeline are checked in the train step and raise the same
-    ValueError at the first bad batch.
+    `tf.data` pipeline are checked in the train step: on TensorFlow a
+    ValueError at the first bad batch, on JAX / PyTorch a NaN loss.
 
     The paper does not say whether the stored
     predictions are made on augmented images; here they are made in
@@ -422,7 +449,6 @@ class SRDL:
     def __init__(self, model_fn, epochs, temperature=3.0, distill_weight=1.0,
                  optimizer_fn=None, loss=None, metrics=None, restart=True,
                  weight_decay=None, strategy=None, compile_kwargs=None):
-        _require_tensorflow("SRDL")
         if not (callable(model_fn) or isinstance(model_fn, keras.Model)):
             raise ValueError("model_fn must be a function returning a keras.Model.")
         epochs = int(epochs)
@@ -583,7 +609,7 @@ class SRDL:
         epoch (sizes the schedule), the table's rows, the extraction data
         and the NumPy labels (None for a dataset).
         """
-        if isinstance(x, tf.data.Dataset):
+        if _is_tf_dataset(x):
             if y is not None:
                 raise ValueError("Pass labels inside the dataset, not as y.")
             cardinality = int(x.cardinality())
@@ -595,7 +621,7 @@ class SRDL:
                     )
                 steps_per_epoch = cardinality
             if extraction_data is None:
-                if cardinality == tf.data.INFINITE_CARDINALITY:
+                if cardinality == -1:  # tf.data.INFINITE_CARDINALITY
                     raise ValueError(
                         "The training dataset repeats forever; pass "
                         "extraction_data (one finite pass over the examples) "
@@ -614,9 +640,10 @@ class SRDL:
         index = np.arange(len(images), dtype="int64")
         batch_size = batch_size or 32
         if extraction_data is None:
-            extraction_data = tf.data.Dataset.from_tensor_slices(
-                ((images, index), labels)
-            ).batch(batch_size)
+            extraction_data = [
+                ((images[i : i + batch_size], index[i : i + batch_size]),)
+                for i in range(0, len(images), batch_size)
+            ]
         return _TrainingInputs(
             {"x": (images, index), "y": labels, "batch_size": batch_size},
             int(steps_per_epoch or math.ceil(len(images) / batch_size)),
@@ -672,12 +699,11 @@ class SRDL:
         Returns:
             `(n, C)` float32 NumPy array; row i belongs to index i.
         """
-        temperature = self.temperature
-
-        @tf.function(reduce_retracing=True)
         def soften(images):
-            logits = tf.cast(model(images, training=False), "float32")
-            return tf.nn.softmax(logits / temperature, axis=-1)
+            logits = np.asarray(model.predict_on_batch(images), "float32")
+            z = logits / self.temperature
+            z = np.exp(z - z.max(axis=-1, keepdims=True))
+            return z / z.sum(axis=-1, keepdims=True)
 
         table = None
         seen = None
@@ -689,7 +715,7 @@ class SRDL:
                     "extraction_data must carry example indices: "
                     "((images, index), labels)."
                 )
-            probs = soften(images).numpy()
+            probs = soften(images)
             index = np.asarray(index).reshape(-1).astype("int64")
             if table is None:
                 rows = num_examples or int(index.max()) + 1
