@@ -950,3 +950,20 @@ def test_cli_bad_input_is_one_line(tmp_path, saved_dks, capsys):
         assert "Traceback" not in err and out == ""
         assert len([line for line in err.splitlines() if "error: " in line]) == 1
     assert sorted(os.listdir(tmp_path)) == ["broken.keras"]
+
+
+def test_cli_openvino_export_says_how_to_load_it_in_float32(tmp_path, capsys):
+    classifier().save(tmp_path / "model.keras")
+    target = str(tmp_path / "model.xml")
+    code, out, err = run_main(
+        ["--model", str(tmp_path / "model.keras"), "--format", "openvino", "--output", target],
+        capsys)
+    assert code == 0 and out.strip() == target
+    assert "bfloat16" in err and "INFERENCE_PRECISION_HINT" in err and target in err
+    line = re.search(r"openvino\.Core\(\)\.compile_model\(.*\)", err).group(0)
+    import openvino
+
+    compiled = eval(line, {"openvino": openvino})  # the line the CLI prints runs
+    x = np.random.default_rng(8).uniform(size=(2, SIZE, SIZE, 3)).astype("float32")
+    model = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(np.asarray(compiled(x)[0]), logits_of(model, x), atol=1e-4, rtol=1e-4)
