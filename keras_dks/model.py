@@ -470,6 +470,28 @@ class DKSModel(keras.Model):
             "seed": self.seed,
         }
 
+    def load_own_variables(self, store):
+        """Keras' loading of the model's own variables; a file saved before
+        the model had `draw_step` (its first own variable) loads too, with
+        the counter at 0 and a warning."""
+        try:
+            super().load_own_variables(store)
+        except ValueError as error:
+            if self.draw_step is None or "draw_step" not in str(error):
+                raise
+            shifted = {str(int(k) + 1): store[k] for k in store.keys()}
+            shifted["0"] = np.zeros((), "int32")
+            super().load_own_variables(shifted)
+            import warnings
+
+            warnings.warn(
+                f"{self.name}: the saved model has no draw_step counter; it "
+                "starts at 0, so the per-step draws start over. To continue "
+                "the saved run's draws, call "
+                "model.draw_step.assign(model.optimizer.iterations).",
+                stacklevel=2,
+            )
+
     @classmethod
     def from_config(cls, config):
         config = dict(config)

@@ -416,3 +416,28 @@ def test_subclassed_backbone_is_rejected():
 
     with pytest.raises(ValueError, match="subclassed model 'Sub'.*functionally"):
         DKSModel(Sub(), num_classes=3)
+
+
+def test_a_file_without_the_draw_step_counter_loads_with_a_warning():
+    """Models saved before `draw_step` existed (per-step draws keyed on the
+    optimizer) load: the other own variables in order, the counter at 0."""
+    from keras_dks.methods import DHMModel
+
+    model = DKSModel(tiny_backbone(), num_classes=3, head="simple", pair_keep_prob=0.5)
+    model.draw_step.assign(7)
+    with pytest.warns(UserWarning, match="no draw_step counter"):
+        model.load_own_variables({})
+    assert int(model.draw_step.numpy()) == 0
+    model.draw_step.assign(5)
+    model.load_own_variables({"0": np.array(3, "int32")})  # a current file
+    assert int(model.draw_step.numpy()) == 3
+
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="a")(inp)
+    out = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="b")(a)
+    dhm = DHMModel(keras.Model(inp, out), num_classes=3, roots=["a"], head="simple",
+                   pair_keep_prob=0.5, branch_keep_prob=0.5)
+    with pytest.warns(UserWarning, match="no draw_step counter"):
+        dhm.load_own_variables({"0": np.array([0.0], "float32")})  # branch_mask only
+    np.testing.assert_array_equal(dhm.branch_mask.numpy(), [0.0])
+    assert int(dhm.draw_step.numpy()) == 0
