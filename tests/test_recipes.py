@@ -236,6 +236,18 @@ def test_build_before_first_trace_creates_optimizer_and_metric_variables():
     assert compiled and all(m.built for m in compiled)
     # Building left every metric at its start.
     assert all(float(v) == 0 for m in model.metrics for v in m.variables)
+    # ... and fit traces its step once (Keras alone traces it twice: the
+    # first trace creates these variables, so tf.function traces again).
+    traces = []
+    step = model.train_step
+
+    def counted(data):
+        traces.append(1)  # runs once per trace, not per step
+        return step(data)
+
+    model.train_step = counted
+    model.fit(tiny_data(), epochs=2, verbose=0)
+    assert len(traces) == 1, len(traces)
 
 
 def test_epoch_log_survives_restarts(tmp_path):
