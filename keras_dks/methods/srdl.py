@@ -497,7 +497,7 @@ class SRDL:
     def _scope(self):
         return self.strategy.scope() if self.strategy else contextlib.nullcontext()
 
-    def _new_model(self, stage, previous=None):
+    def _new_model(self, stage):
         if isinstance(self.model_fn, keras.Model):
             if stage == 1:
                 model = self.model_fn
