@@ -1,19 +1,14 @@
 """`DKSBackbone`: the DKS head protocol, declared once for every backbone.
 
 `keras_dks.DKSModel` (through `keras_dks.adapt` and `keras_dks.taps`) reads
-four members from a backbone, when it has them:
+four members from a backbone when it has them (any functional `keras.Model`
+may define them; without them the heads are inferred from the graph):
 
 - `dks_taps`: the layers to attach the auxiliary heads to, deepest first.
-- `dks_head_stages(tap_name)`: the head for one of those taps, as a list of
+- `dks_head_stages(tap_name)`: that tap's head, a list of
   `keras_dks.heads.HeadStage(filters, blocks, stride)`.
-- `dks_block_kind`: the `keras_dks.blocks` block kind the heads are made of.
-- `dks_block_config()`: a new `keras_dks.blocks.BlockConfig` (BN settings,
-  initialisers) for those blocks.
-
-Any functional `keras.Model` that defines them gets the same treatment;
-without them the heads are inferred from the graph. The backbones of this
-package subclass `DKSBackbone`, which implements the four from a table
-given once in the constructor (`declare_heads`).
+- `dks_block_kind`: the `keras_dks.blocks` block kind of the heads.
+- `dks_block_config()`: a new `keras_dks.blocks.BlockConfig` for them.
 """
 
 import keras
