@@ -1,17 +1,19 @@
 # Set-up and the two entry points of the README: `make demo`, `make test`.
+# keras-dks requires no Keras backend (pyproject.toml): these targets install
+# the CPU TensorFlow wheel, and JAX and PyTorch for the backend tests.
 PYTHON ?= python
 TF_PACKAGE ?= tensorflow-cpu==2.21.0
 # PyTorch CPU wheel for the backend tests; PyPI's default torch wheel is the
-# CUDA build, so the CPU wheel comes from local disk.
+# CUDA build, so the CPU wheel comes from local disk or PyTorch's CPU index.
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
 .PHONY: install install-demo data demo test
 
-# What the demo needs: TensorFlow, this package and matplotlib (curves).
+# What the demo needs: TensorFlow (+ TensorBoard), this package and matplotlib.
 install-demo:
-	# TensorFlow first, so setup.py requires the flavour that is installed.
+	# A TensorFlow already installed (e.g. the GPU wheel `tensorflow`) is kept.
 	$(PYTHON) -c "import tensorflow" 2>/dev/null || $(PYTHON) -m pip install -q "$(TF_PACKAGE)"
-	$(PYTHON) -m pip install -q -e ".[plots]"
+	$(PYTHON) -m pip install -q -e ".[plots]" "tensorboard>=2.19"
 
 # Everything the tests exercise.
 install: install-demo
@@ -31,12 +33,14 @@ install: install-demo
 	  else $(PYTHON) -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
 	    || { echo "No CPU torch wheel: pass TORCH_WHEEL=/path/to/torch-2.13.0+cpu-...whl"; exit 1; }; fi; }
 
+# Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist (IDX files). The
+# demo trains on it and tests read it: without it this target fails.
 data:
-	# Real Fashion-MNIST, offline: Debian's dataset-fashion-mnist (IDX files).
 	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then :; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
-	else echo "dataset-fashion-mnist not installed: the demo falls back to keras.datasets"; fi
+	else echo "make data: Debian's dataset-fashion-mnist package (real Fashion-MNIST, read by the demo and the tests) is not installed, and this user cannot install it. Fix: sudo apt-get install dataset-fashion-mnist"; exit 1; fi
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || { echo "make data: installing dataset-fashion-mnist failed; run: sudo apt-get install dataset-fashion-mnist"; exit 1; }
 
 demo: install-demo data
 	$(PYTHON) examples/fashion_mnist.py

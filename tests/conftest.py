@@ -12,7 +12,7 @@ FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensiv
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
 
 # The modules holding the long subprocess runs, longest first. xdist hands
-# out work in collection order (setup.cfg: --no-loadscope-reorder), so the
+# out work in collection order (pyproject.toml: --no-loadscope-reorder), so the
 # long runs start first and the many short tests fill in at the end, instead
 # of one worker finishing a long example alone.
 SLOW_MODULES = ("test_distribute.py", "test_backends.py", "test_examples.py",

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-# With `--dist loadgroup` (setup.cfg) a backend's tests share one xdist
+# With `--dist loadgroup` (pyproject.toml) a backend's tests share one xdist
 # worker, so its backend_check.py run is made once and not waited for.
 BACKENDS = [pytest.param(b, marks=pytest.mark.xdist_group(b)) for b in ("jax", "torch")]
 

@@ -38,10 +38,13 @@ def read_scalars(folder):
 
 
 def test_tensorboard_is_installed():
-    # A dependency of the package (TensorFlow >= 2.21 no longer pulls it in).
-    setup = open(os.path.join(REPO, "setup.py")).read()
-    install_requires = re.search(r"install_requires=\[(.*?)\]", setup, re.S).group(1)
-    assert re.search(r'"tensorboard[>=<]', install_requires), install_requires
+    # Required by the TensorFlow extras (TensorFlow >= 2.21 no longer pulls it in).
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    for extra in ("tensorflow", "tensorflow-cpu"):
+        assert any(re.match(r"tensorboard[>=<]", r) for r in extras[extra]), extras[extra]
     assert importlib.util.find_spec("tensorboard") is not None
     assert recipes._has_tensorboard()
 
