@@ -153,6 +153,9 @@ class DKSModel(keras.Model):
         super().__init__(
             inputs=adapted.inputs, outputs=adapted.outputs, name=name, **kwargs
         )
+        # Outputs are named by head (compile's per-head metrics are keyed so;
+        # Keras < 3.12 checks metric keys against these names).
+        self.output_names = list(adapted.head_names)
 
         # === Config ===
         self.backbone = backbone

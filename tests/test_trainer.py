@@ -365,3 +365,22 @@ if __name__ == "__main__":
     result["backend"] = keras.backend.backend()
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
+
+
+def test_per_head_metrics_when_the_backbone_names_its_own_logits():
+    """A backbone that ends in its own logits layer (here `logits`, as
+    keras.applications' `predictions` or our WRN's `fc`): every head's
+    metrics are logged under the head's name and equal NumPy's accuracy
+    (Keras < 3.12 matches metric keys against the model's output names)."""
+    body = tiny_backbone()
+    x = keras.layers.GlobalAveragePooling2D()(body.outputs[0])
+    backbone = keras.Model(body.inputs, keras.layers.Dense(3, name="logits")(x))
+    model = DKSModel(backbone, head="simple")
+    model.compile(optimizer=keras.optimizers.SGD(0.0), metrics=["accuracy"])
+    x, y = learnable_data(32)
+    h = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    logits = model.predict(x, verbose=0)
+    for name, z in zip(model.head_names, logits):
+        key = "accuracy" if name == "main" else f"{name}_accuracy"
+        # Counts over 32 examples: exact up to float32 rounding of the mean.
+        np.testing.assert_allclose(h[key][-1], np.mean(np.argmax(z, -1) == y), atol=1e-6)
