@@ -13,12 +13,12 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 install-demo:
 	# A TensorFlow already installed (e.g. the GPU wheel `tensorflow`) is kept.
 	$(PYTHON) -c "import tensorflow" 2>/dev/null || $(PYTHON) -m pip install -q "$(TF_PACKAGE)"
-	$(PYTHON) -m pip install -q -e ".[plots]" "tensorboard>=2.19"
+	$(PYTHON) -m pip install -q -e ".[plots,data]" "tensorboard>=2.19"
 
 # Everything the tests exercise.
 install: install-demo
 	# test: pytest & co; export: the ONNX / LiteRT / OpenVINO converters and runtimes.
-	$(PYTHON) -m pip install -q -e ".[test,export]"
+	$(PYTHON) -m pip install -q -e ".[test,export,data]"
 	# keras-hub backbones are tested too. keras-hub's tensorflow-text
 	# dependency (text models only) pins the full `tensorflow` wheel, so
 	# install keras-hub without it.
