@@ -8,7 +8,7 @@ Pure text checks (no TensorFlow), so they run in well under a second:
   under GitHub's slug rules (or an explicit `<a id=...>`);
 - every repository path the pages name in text or code (`benchmarks/...`,
   `examples/...`, `keras_dks/...`, `tests/...`, `docs/...`, `.ci/...`) exists,
-  and so does every `make` target they name;
+  and so does every `make` target and `keras_dks.<module>.<name>` they name;
 - every page under docs/ is reachable from docs/index.md, and the README
   stays a front page (at most ~200 lines: reference belongs in docs/).
 """
@@ -149,6 +149,35 @@ def test_every_repository_path_named_in_the_pages_exists():
         if gone:
             missing[os.path.relpath(path, REPO)] = gone
     assert not missing, f"the docs name paths that do not exist: {missing}"
+
+
+def test_every_keras_dks_name_in_the_pages_exists():
+    # `keras_dks.losses.check_labels`, `keras_dks.export.OPENVINO_FLOAT32`, ...:
+    # the longest importable module prefix, then attributes.
+    import importlib
+    import warnings
+
+    names = set()
+    for path in pages():
+        names |= set(re.findall(r"\bkeras_dks(?:\.[A-Za-z_]\w*)+", open(path, encoding="utf-8").read()))
+    assert len(names) > 10, names  # the pages do name the API
+    missing = []
+    for name in sorted(names):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            break
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # deprecated names still resolve
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr)
+        except AttributeError:
+            missing.append(name)
+    assert not missing, f"the docs name keras_dks members that do not exist: {missing}"
 
 
 def test_every_make_target_named_in_the_pages_exists():
