@@ -24,6 +24,9 @@ install: install-demo
 	# install keras-hub without it.
 	$(PYTHON) -m pip install -q --no-deps "keras-hub==0.32.0"
 	$(PYTHON) -m pip install -q regex rich packaging kagglehub "kagglesdk==0.1.28" tokenizers sentencepiece
+	# keras-hub's own test case (run_serialization_test, run_model_saving_test)
+	# imports grain.
+	$(PYTHON) -m pip install -q "grain==0.2.18"
 	# keras-cv: the Inception-style random-resized crop of the ImageNet pipeline.
 	$(PYTHON) -m pip install -q "keras-cv==0.9.0"
 	# JAX and PyTorch on CPU: tests/test_backends.py trains DKSModel on both.
