@@ -666,15 +666,47 @@ def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
     _check_cli_args(parser, args)
+    progress = _Progress(["load", "export"])
     model = _load_model(parser, args.model)
+    progress.done("load")
     try:
         path = _export_from_cli(args, model)
     except (ValueError, FileExistsError, ImportError) as e:
+        progress.close()
         parser.exit(2, f"error: {e}\n")
+    progress.done("export")
     print(path)
     if args.format == "openvino":
         print(_openvino_note(path), file=sys.stderr)
     return path
+
+
+class _Progress:
+    """Keras' progress bar over the CLI's stages, on stderr when stderr is a
+    terminal (pipes and logs get only the result lines)."""
+
+    def __init__(self, stages):
+        self.stages = list(stages)
+        self.bar = None
+        if sys.stderr.isatty():
+            self.bar = keras.utils.Progbar(len(self.stages), unit_name="stage")
+            self._write(lambda: self.bar.update(0))
+
+    def _write(self, update):
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):
+            update()
+
+    def done(self, stage):
+        if self.bar is not None:
+            k = self.stages.index(stage) + 1
+            self._write(lambda: self.bar.update(k, finalize=k == len(self.stages)))
+
+    def close(self):
+        if self.bar is not None:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
 
 
 def _parser():

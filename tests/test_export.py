@@ -967,3 +967,37 @@ def test_cli_openvino_export_says_how_to_load_it_in_float32(tmp_path, capsys):
     x = np.random.default_rng(8).uniform(size=(2, SIZE, SIZE, 3)).astype("float32")
     model = keras.models.load_model(tmp_path / "model.keras")
     np.testing.assert_allclose(np.asarray(compiled(x)[0]), logits_of(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_cli_shows_keras_progress_bar_on_a_terminal(tmp_path):
+    """On a terminal the CLI draws Keras' progress bar over its stages on
+    stderr; stdout still ends with the path written."""
+    import pty
+
+    keras.utils.set_random_seed(0)
+    model = DKSModel(tiny_backbone(size=SIZE), num_classes=CLASSES, taps=["s1"], head="simple")
+    model.save(tmp_path / "model.keras")
+    base = tmp_path / "exports"
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keras_dks.export", "--model", str(tmp_path / "model.keras"),
+         "--export_base", str(base)],
+        stdout=subprocess.PIPE, stderr=slave, cwd=tmp_path, env=env, text=True,
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0
+    os.close(master)
+    err = b"".join(chunks).decode(errors="replace")
+    assert out.strip().splitlines()[-1] == str(base / "1")
+    assert "2/2" in err and "━" in err, err[-2000:]  # Keras' Progbar, both stages
