@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(items):
 import helpers
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Each test starts from seed 0 (Python, NumPy, Keras' global seed
+    generator and TensorFlow's): unseeded initialisations draw the same
+    weights whichever tests ran before in the same worker."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+
+
 @pytest.fixture
 def tiny_backbone():
     """Factory: `tiny_backbone(bn=False, size=16, name="tiny", widths=...,

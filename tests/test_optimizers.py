@@ -49,16 +49,18 @@ def test_a_skipped_step_changes_nothing_but_its_count(loss_scale):
     model.train_on_batch(bad, y)
     for a, b in zip(weights, _values(model.weights)):
         np.testing.assert_array_equal(a, b)
-    changed = [v.path for v, a in zip(model.optimizer.variables, states)
+    # Variable names without the optimizer's path: Keras numbers optimizer
+    # names per process ("loss_scale_optimizer_1"), so paths depend on what
+    # ran before in the same worker.
+    changed = [v.name for v, a in zip(model.optimizer.variables, states)
                if not np.array_equal(a, np.array(v))]
     if loss_scale:
         # The loss-scale optimizer sees the overflow first: it halves its
         # scale and skips; SkipNonFinite never sees the step.
-        assert sorted(changed) == ["loss_scale_optimizer/dynamic_scale",
-                                   "loss_scale_optimizer/step_counter"]
+        assert sorted(changed) == ["dynamic_scale", "step_counter"]
         assert skipped_steps(model.optimizer) == 0
     else:
-        assert changed == ["skip_non_finite/skipped_steps"]
+        assert changed == ["skipped_steps"]
         assert skipped_steps(model.optimizer) == 1
     assert int(model.optimizer.iterations) == 1
     model.train_on_batch(x, y)

@@ -17,7 +17,8 @@ import keras
 import keras_dks
 from keras_dks import DKSModel, losses
 from keras_dks.optimizers import SkipNonFinite, SkippedStepsLogger
-from helpers import data, learnable_data, np_dks_loss, np_log_softmax, tiny_backbone
+from helpers import (data, learnable_data, np_dks_loss, np_log_softmax,
+                     set_weights_by_path, tiny_backbone)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -261,7 +262,9 @@ def _check_nan_step(r):
     # the weights by it).
     assert r["momentum_nonzero"] > 0
     assert r["changed_weights"] == [], r["changed_weights"]
-    assert r["changed_states"] == ["skip_non_finite/skipped_steps"], r["changed_states"]
+    # Names without the optimizer's path, which Keras numbers per process.
+    changed = [p.split("/")[-1] for p in r["changed_states"]]
+    assert changed == ["skipped_steps"], r["changed_states"]
     assert r["skipped_after_second"] == 1
     assert r["iterations_after_second"] == 1 and r["iterations_after_third"] == 2
     assert r["third_moved"] and r["finite"]
@@ -318,6 +321,9 @@ def test_metrics_of_every_head_match_numpy(source):
     import tensorflow as tf
 
     model = DKSModel(tiny_backbone(), num_classes=3, head="simple")
+    # Weights seeded by variable path: the heads' predictions differ in
+    # every run, whatever ran before in the process.
+    set_weights_by_path(model)
     top2 = (keras.metrics.TopKCategoricalAccuracy(k=2, name="top2")
             if source == "onehot_dataset"
             else keras.metrics.SparseTopKCategoricalAccuracy(k=2, name="top2"))
@@ -343,7 +349,8 @@ def test_metrics_of_every_head_match_numpy(source):
                 np.testing.assert_allclose(g_acc, acc, atol=1e-6, err_msg=name)
                 np.testing.assert_allclose(g_top, top, atol=1e-6, err_msg=name)
     # The heads differ, so a metric fed from the wrong head would show.
-    assert len({tuple(np.argmax(z, -1)) for z in logits}) > 1
+    preds = [np.argmax(z, -1) for z in logits]
+    assert any(np.sum(p != preds[0]) >= 4 for p in preds[1:]), preds
 
 
 def test_first_train_on_batch_metrics_count_only_its_batch():
