@@ -12,6 +12,7 @@ package uses public Keras API only; `tests/test_compat.py` checks that.
 | `graph_nodes` | `Function._nodes_by_depth` | `taps.BackboneGraph` (shared layers only) |
 | `build_from_local_batch` | `TensorFlowTrainer._maybe_symbolic_build` | `distribute.multi_worker_model` |
 | `loss_tracker` | `Trainer._loss_tracker` | `model.DKSModel.train_step` (TensorFlow) |
+| `strategy_supports_no_merge_call` | `tf.__internal__.distribute` | `optimizers.SkipNonFinite` (TensorFlow) |
 """
 
 import re
@@ -135,3 +136,27 @@ def loss_tracker(model):
     """
     check_keras_version("Trainer._loss_tracker")
     return model._loss_tracker
+
+
+def strategy_supports_no_merge_call():
+    """Whether the current `tf.distribute` strategy lets an optimizer update
+    its variables in the replica context (no `merge_call`).
+
+    Reads TensorFlow's `tf.__internal__.distribute.
+    strategy_supports_no_merge_call` (verified on TensorFlow 2.19.1 and
+    2.21), the test
+    Keras' own TensorFlow optimizer and `LossScaleOptimizer` make before
+    they apply gradients; a wrapper optimizer must make the same choice.
+    """
+    import tensorflow as tf
+
+    internal = getattr(getattr(tf, "__internal__", None), "distribute", None)
+    check = getattr(internal, "strategy_supports_no_merge_call", None)
+    if check is None:
+        raise RuntimeError(
+            "keras_dks uses tf.__internal__.distribute."
+            "strategy_supports_no_merge_call, verified on TensorFlow 2.19.1 "
+            f"and 2.21; this is TensorFlow {tf.__version__}. Install a supported "
+            "version, e.g. pip install 'tensorflow>=2.19,<2.22'."
+        )
+    return check()

@@ -4,6 +4,8 @@ gradients, for any Keras model on TensorFlow, JAX and PyTorch."""
 import keras
 from keras import ops
 
+from keras_dks import compat
+
 
 @keras.saving.register_keras_serializable(package="keras_dks")
 class SkipNonFinite(keras.optimizers.Optimizer):
@@ -158,7 +160,7 @@ class SkipNonFinite(keras.optimizers.Optimizer):
         context = tf.distribute.get_replica_context()
         bad = tf.cast(tf.logical_not(self.check_finite(grads)), tf.float32)
         finite = tf.equal(context.all_reduce("sum", bad), 0.0)
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+        if compat.strategy_supports_no_merge_call():
             return self._apply_or_skip(finite, grads, trainable_variables)
 
         def cross_replica(strategy, finite, grads, trainable_variables):

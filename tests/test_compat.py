@@ -138,6 +138,8 @@ def private_keras_uses(package=PACKAGE, names=None):
     def visit(node, path, in_keras_class):
         if isinstance(node, ast.ClassDef):
             in_keras_class = node.name in keras_classes
+        if isinstance(node, ast.Attribute) and node.attr == "__internal__":
+            found.append((path, node.lineno, ast.unparse(node)))  # TF's private API
         if isinstance(node, ast.Attribute) and node.attr in names:
             on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
             if not on_self or in_keras_class:
@@ -155,7 +157,8 @@ def private_keras_uses(package=PACKAGE, names=None):
             found.append((path, node.lineno, f"def {node.name}"))
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-            if any(m == "keras.src" or m.startswith("keras.src.") for m in modules):
+            if any(m.split(".")[:2] in (["keras", "src"], ["tensorflow", "python"])
+                   for m in modules):
                 found.append((path, node.lineno, ast.unparse(node)))
         for child in ast.iter_child_nodes(node):
             visit(child, path, in_keras_class)
@@ -195,12 +198,17 @@ def test_the_scan_finds_private_members(tmp_path):
         "class Plain:\n"
         "    def _maybe_symbolic_build(self):\n"  # not a Keras class: ours
         "        self._initial_epoch = 1\n"
+        "import tensorflow as tf\n"
+        "from tensorflow.python.distribute import values\n"
+        "def h():\n"
+        "    return tf.__internal__.distribute.strategy_supports_no_merge_call()\n"
     )
     found = private_keras_uses(str(tmp_path))
     assert sorted(code for _, _, code in found) == sorted([
         "from keras.src import ops", "model._flatten_layers", "t._keras_history",
         "getattr(t, '_keras_history', None)",
         "def _maybe_symbolic_build", "self._initial_epoch", "self._compile_metrics",
+        "from tensorflow.python.distribute import values", "tf.__internal__",
     ])
     assert all(os.path.basename(p) == "bad.py" for p, _, _ in found)
 
