@@ -45,6 +45,23 @@ Args:
     resolution: `(height, width)`, entries may be None for dynamic shapes.
     channels: channels of the stage end.
     num_blocks: residual merges at this resolution and width (0 if none).
+
+Example:
+```python
+import keras
+from keras_dks import blocks, taps
+inputs = keras.Input((32, 32, 3))
+x = blocks.conv(inputs, 8, 3, 1, "stem", blocks.BlockConfig())
+for g, (filters, stride) in enumerate([(8, 1), (16, 2), (32, 2)]):
+    x = blocks.residual_stage(x, filters, 1, stride, "basic",
+                              f"group{g}", blocks.BlockConfig())
+backbone = keras.Model(inputs, x)
+for stage in taps.BackboneGraph(backbone).stages():
+    print(stage.name, stage.resolution, stage.channels, stage.num_blocks)
+# group0_block0_out (32, 32) 8 1
+# group1_block0_out (16, 16) 16 1
+# group2_block0_out (8, 8) 32 1
+```
 """
 
 _MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
@@ -53,10 +70,25 @@ _MERGE_LAYERS = (keras.layers.Add, keras.layers.Concatenate)
 def is_functional(model):
     """True for a functional `keras.Model` (one with a graph of operations).
 
+    Models built with `keras.Model(inputs, outputs)`, `keras.applications`
+    models and keras-hub backbones are; `keras.Sequential` models and
+    subclassed models are not (wrap a Sequential model functionally:
+    `keras.Model(inputs, seq(inputs))`).
+
+    Args:
+        model: any object.
+
+    Returns:
+        A bool.
+
     Example:
     ```python
-    keras_dks.taps.is_functional(keras.applications.ResNet50(
-        weights=None, include_top=False, input_shape=(32, 32, 3)))   # True
+    import keras
+    from keras_dks import taps
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
+    print(taps.is_functional(model))                  # True
+    print(taps.is_functional(keras.layers.Dense(2)))  # False
     ```
     """
     return isinstance(model, keras.Model) and hasattr(model, "operations")
@@ -90,13 +122,22 @@ def graph_nodes(model):
     `operation.output`); a graph with a shared layer is read from Keras'
     node table through `keras_dks.compat.graph_nodes`.
 
+    Args:
+        model: a functional `keras.Model`.
+
     Returns:
-        A list of `(operation, input_tensors, output_tensors)` where every
-        tensor is produced before it is used.
+        A list of `(operation, input_tensors, output_tensors)` (the tensors
+        as lists) where every tensor is produced before it is used.
 
     Example:
     ```python
-    [op.name for op, _, _ in keras_dks.taps.graph_nodes(backbone)]
+    import keras
+    from keras_dks import taps
+    inputs = keras.Input((8, 8, 3), name="images")
+    x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, keras.layers.ReLU(name="relu")(x))
+    print([op.name for op, _, _ in taps.graph_nodes(model)])
+    # ['images', 'conv', 'relu']
     ```
     """
     nodes = _public_nodes(model)
@@ -108,13 +149,33 @@ def graph_nodes(model):
 class BackboneGraph:
     """Topologically ordered view of a functional backbone's tensors.
 
+    Finds the cut points, the down-sampling stages and the final feature map
+    of a backbone by the rule in the module docstring; `DKSModel` uses it to
+    resolve `taps="auto"` and to size the auxiliary heads.
+
     Args:
         model: a functional `keras.Model`.
 
+    Raises:
+        ValueError: `model` is not a functional `keras.Model` (e.g. a
+            subclassed model).
+
     Example:
     ```python
-    graph = keras_dks.taps.BackboneGraph(backbone)
-    [s.name for s in graph.stages()]
+    import keras
+    from keras_dks import blocks, taps
+    inputs = keras.Input((32, 32, 3))
+    x = blocks.conv(inputs, 8, 3, 1, "stem", blocks.BlockConfig())
+    for g, (filters, stride) in enumerate([(8, 1), (16, 2), (32, 2)]):
+        x = blocks.residual_stage(x, filters, 1, stride, "basic",
+                                  f"group{g}", blocks.BlockConfig())
+    backbone = keras.Model(inputs, x)
+    graph = taps.BackboneGraph(backbone)
+    print([s.name for s in graph.stages()])
+    # ['group0_block0_out', 'group1_block0_out', 'group2_block0_out']
+    print(graph.final_feature_map().shape)           # (None, 8, 8, 32)
+    tap = graph.layer_output("group1_block0_out")
+    print(graph.producer(tap).name)                  # group1_block0_out
     ```
     """
 
@@ -168,7 +229,15 @@ class BackboneGraph:
         return None
 
     def feature_tensors(self, before=None):
-        """(name, tensor) of layers with 4-D outputs, optionally before a pos."""
+        """`(layer name, tensor)` of every 4-D layer output, inputs excluded.
+
+        Args:
+            before: optional topological position (see `position`); only
+                tensors before it are listed.
+
+        Returns:
+            A list of `(str, KerasTensor)`, in topological order.
+        """
         out = []
         for p, (t, layer) in enumerate(zip(self.tensors, self.layer_of)):
             if before is not None and p >= before:
@@ -180,7 +249,16 @@ class BackboneGraph:
         return out
 
     def final_feature_map(self):
-        """The last 4-D cut point: the map the main classifier pools."""
+        """The last 4-D cut point: the map the main classifier pools.
+
+        The model's output itself when it is 4-D (`include_top=False`).
+
+        Returns:
+            A KerasTensor of shape `(batch, H, W, C)`.
+
+        Raises:
+            ValueError: the backbone has no 4-D feature map.
+        """
         output = self.model.outputs[0]
         if len(output.shape) == 4:
             return output
@@ -195,7 +273,11 @@ class BackboneGraph:
         )
 
     def stages(self):
-        """All stages of the backbone, shallowest first (see module doc)."""
+        """All stages of the backbone, shallowest first (see module doc).
+
+        Returns:
+            A list of `Stage`, including the final one.
+        """
         groups = collections.OrderedDict()
         for p, (t, layer) in enumerate(zip(self.tensors, self.layer_of)):
             if len(t.shape) != 4 or isinstance(layer, keras.layers.InputLayer):
@@ -248,13 +330,54 @@ class BackboneGraph:
 
 
 def is_pyramid_backbone(backbone):
+    """Whether `backbone` has a non-empty `pyramid_outputs` dict (a keras-hub
+    `FeaturePyramidBackbone`), so it is tapped by pyramid key ("P3", ...).
+
+    Args:
+        backbone: any object.
+
+    Returns:
+        A bool.
+
+    Example:
+    ```python
+    import keras
+    from keras_dks import taps
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
+    print(taps.is_pyramid_backbone(model))  # False
+    ```
+    """
     return isinstance(getattr(backbone, "pyramid_outputs", None), dict) and bool(
         backbone.pyramid_outputs
     )
 
 
 def num_downsamples(tap_tensor, final_tensor, tap_name="tap"):
-    """Stride-2 steps between a tap and the final map, from static shapes."""
+    """Stride-2 steps between a tap and the final map, from static shapes.
+
+    `round(log2(max(H_tap / H_final, W_tap / W_final)))`, and 0 when the
+    final map is not smaller than the tap.
+
+    Args:
+        tap_tensor: the tapped 4-D tensor `(batch, H, W, C)`.
+        final_tensor: the final 4-D feature map.
+        tap_name: name of the tap, used in the error message.
+
+    Returns:
+        A non-negative int.
+
+    Raises:
+        ValueError: a spatial size of either tensor is dynamic (None).
+
+    Example:
+    ```python
+    import keras
+    from keras_dks import taps
+    print(taps.num_downsamples(keras.Input((32, 32, 16)),
+                               keras.Input((8, 8, 64))))  # 2
+    ```
+    """
     h, w = tap_tensor.shape[1:3]
     fh, fw = final_tensor.shape[1:3]
     if None in (h, w, fh, fw):
@@ -270,16 +393,34 @@ def num_downsamples(tap_tensor, final_tensor, tap_name="tap"):
 def auto_taps(backbone, graph=None, count=2):
     """The tap names `taps="auto"` resolves to for `backbone`, deepest first.
 
+    A `keras_dks.backbones` model answers with its own `dks_taps`; a
+    keras-hub pyramid backbone with the pyramid keys below the final level;
+    any other functional model with the ends of the stages before the last
+    one (see the module docstring).
+
     Args:
         backbone: a functional keras.Model, keras-hub pyramid backbone, or
             a `keras_dks.backbones` model.
-        count: how many stages before the last one to tap.
+        graph: optional `BackboneGraph` of `backbone`, to reuse one already
+            built.
+        count: how many stages before the last one to tap. Defaults to 2
+            (the paper's two auxiliary heads).
+
+    Returns:
+        A list of at most `count` tap names (layer names, or pyramid keys),
+        deepest first.
+
+    Raises:
+        ValueError: `backbone` is not functional, or has no down-sampling
+            stage before its final feature map (e.g. a dynamic spatial size).
 
     Example:
     ```python
+    import keras
+    from keras_dks import taps
     backbone = keras.applications.ResNet50(
         weights=None, include_top=False, input_shape=(64, 64, 3))
-    keras_dks.taps.auto_taps(backbone)
+    print(taps.auto_taps(backbone))
     # ['conv4_block6_out', 'conv3_block4_out']
     ```
     """
