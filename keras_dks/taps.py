@@ -72,8 +72,8 @@ def is_functional(model):
 
     Models built with `keras.Model(inputs, outputs)`, `keras.applications`
     models and keras-hub backbones are; `keras.Sequential` models and
-    subclassed models are not (wrap a Sequential model functionally:
-    `keras.Model(inputs, seq(inputs))`).
+    subclassed models are not (rebuild them with `keras.Input` and
+    `keras.Model(inputs, outputs)` to tap their layers).
 
     Args:
         model: any object.
