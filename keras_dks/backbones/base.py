@@ -26,6 +26,10 @@ class DKSBackbone(keras.Model):
     backbones: `get_config()` returns the constructor arguments,
     `from_config` calls the constructor.
 
+    `DKSBackbone` takes the arguments of a functional `keras.Model`
+    (`inputs`, `outputs`, `name`, ...); a subclass's own constructor
+    arguments are whatever it records with `declare_config`.
+
     Example:
     ```python
     import keras
@@ -49,7 +53,8 @@ class DKSBackbone(keras.Model):
         def dks_block_config(self):
             return blocks.BlockConfig()
 
-    Tiny().dks_head_stages("s1_block0_out")   # [HeadStage(32, 1, 2)]
+    print(Tiny().dks_head_stages("s1_block0_out"))
+    # [HeadStage(filters=32, blocks=1, stride=2)]
     ```
     """
 
@@ -60,6 +65,9 @@ class DKSBackbone(keras.Model):
             head_stages: dict `{tap layer name: [HeadStage, ...]}`, deepest
                 tap first (its order is `dks_taps`).
             block_kind: one of `keras_dks.blocks.BLOCK_KINDS`.
+
+        Raises:
+            ValueError: `block_kind` is not a block kind.
         """
         if block_kind not in blocks.BLOCK_KINDS:
             raise ValueError(
@@ -75,6 +83,9 @@ class DKSBackbone(keras.Model):
         Each also becomes an attribute (`self.depth`, ...); one that
         `keras.Model` already defines gets a trailing underscore
         (`self.input_shape_`).
+
+        Args:
+            **arguments: the constructor arguments, by name.
         """
         self._dks_arguments = dict(arguments)
         for key, value in arguments.items():
@@ -98,7 +109,17 @@ class DKSBackbone(keras.Model):
         )
 
     def dks_head_stages(self, tap_name):
-        """The auxiliary head for `tap_name`, as a list of `HeadStage`s."""
+        """The auxiliary head for `tap_name`, as a list of `HeadStage`s.
+
+        Args:
+            tap_name: one of `dks_taps`.
+
+        Returns:
+            A new list of `keras_dks.heads.HeadStage`, shallowest first.
+
+        Raises:
+            ValueError: `tap_name` is not one of `dks_taps`.
+        """
         if tap_name not in self._dks_head_stages:
             raise ValueError(
                 f"{type(self).__name__} defines auxiliary heads for the taps "
@@ -116,7 +137,27 @@ class DKSBackbone(keras.Model):
 
 def check_num_classes(num_classes, include_top):
     """The classifier width: `keras_dks.adapt.check_num_classes` (an integer
-    >= 2), required when `include_top=True`, optional otherwise."""
+    >= 2), required when `include_top=True`, optional otherwise.
+
+    Args:
+        num_classes: the classifier width, or None.
+        include_top: whether the backbone ends in a classifier.
+
+    Returns:
+        `num_classes` as checked by `keras_dks.adapt.check_num_classes`
+        (None stays None).
+
+    Raises:
+        ValueError: `num_classes` is None with `include_top=True`, or is not
+            an integer >= 2.
+
+    Example:
+    ```python
+    from keras_dks.backbones.base import check_num_classes
+    print(check_num_classes(10, include_top=True))     # 10
+    print(check_num_classes(None, include_top=False))  # None
+    ```
+    """
     if include_top and num_classes is None:
         raise ValueError(
             "num_classes is required when include_top=True (the width of the "
@@ -127,8 +168,28 @@ def check_num_classes(num_classes, include_top):
 
 def blocks_per_stage(depth, extra_layers, model_name, examples):
     """n, the blocks per stage of a three-stage CIFAR network of depth
-    `6n + extra_layers` (2 for the CIFAR ResNets, 4 for Wide ResNets), or a
-    ValueError naming valid depths."""
+    `6n + extra_layers` (2 for the CIFAR ResNets, 4 for Wide ResNets).
+
+    Args:
+        depth: the network depth (an int).
+        extra_layers: layers outside the blocks (2 or 4, see above).
+        model_name: the network's name, for the error message.
+        examples: valid depths, a string for the error message.
+
+    Returns:
+        n, an int >= 1.
+
+    Raises:
+        ValueError: `depth` is not an integer `6n + extra_layers` with
+            n >= 1 (the message names `examples`).
+
+    Example:
+    ```python
+    from keras_dks.backbones.base import blocks_per_stage
+    print(blocks_per_stage(28, 4, "WideResNet", "16, 22, 28"))  # 4
+    print(blocks_per_stage(32, 2, "CIFAR ResNet", "20, 32"))    # 5
+    ```
+    """
     if (
         not isinstance(depth, int)
         or isinstance(depth, bool)
@@ -143,7 +204,23 @@ def blocks_per_stage(depth, extra_layers, model_name, examples):
 
 
 def check_input_shape(input_shape):
-    """`input_shape` as a `(height, width, channels)` tuple."""
+    """`input_shape` as a `(height, width, channels)` tuple.
+
+    Args:
+        input_shape: any sequence of 3 entries.
+
+    Returns:
+        A tuple of 3 entries.
+
+    Raises:
+        ValueError: `input_shape` does not have 3 entries.
+
+    Example:
+    ```python
+    from keras_dks.backbones.base import check_input_shape
+    print(check_input_shape([32, 32, 3]))  # (32, 32, 3)
+    ```
+    """
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
         raise ValueError(
@@ -162,6 +239,24 @@ def residual_stages(x, stages, kind, config):
             tap point `dks_taps` refers to, whatever the blocks' names are.
         kind: `keras_dks.blocks` block kind.
         config: `keras_dks.blocks.BlockConfig`.
+
+    Returns:
+        The output of the last stage's `Identity` layer.
+
+    Raises:
+        ValueError: `kind` is not a block kind.
+
+    Example:
+    ```python
+    import keras
+    from keras_dks import blocks
+    from keras_dks.backbones.base import residual_stages
+    inputs = keras.Input((32, 32, 16))
+    x = residual_stages(inputs, [("group0", 16, 1, 1), ("group1", 32, 1, 2)],
+                        "preact_basic", blocks.BlockConfig())
+    print(keras.Model(inputs, x).get_layer("group1").output.shape)
+    # (None, 16, 16, 32)
+    ```
     """
     for name, filters, count, stride in stages:
         x = blocks.residual_stage(x, filters, count, stride, kind, name, config)

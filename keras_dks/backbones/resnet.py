@@ -38,6 +38,14 @@ Args:
         paper gives them, so the released code is the reference.
     params: trainable parameters for 1000 classes, as torchvision's model
         zoo lists them (the tests recount them).
+
+Example:
+```python
+from keras_dks.backbones.resnet import IMAGENET_RESNETS
+spec = IMAGENET_RESNETS[50]
+print(spec.block_kind, spec.stage_blocks, spec.head_blocks)
+# bottleneck (3, 4, 6, 3) [[3, 2], [3]]
+```
 """
 
 # The five ImageNet ResNets: `ResNet(depth)` and `resnet18` .. `resnet152`.
@@ -209,24 +217,37 @@ class CifarResNet(_PostActivationResNet):
 
     Args:
         depth: 6n + 2 with n >= 1 (20, 32, 44, 56, 110, ...).
-        num_classes: classifier width (may be None with include_top=False).
-        input_shape: (height, width, channels) of the images.
+        num_classes: classifier width, an integer >= 2 (may be None with
+            include_top=False).
+        input_shape: (height, width, channels) of the images. Defaults to
+            `(32, 32, 3)`.
         include_top: if True, logits of shape (batch, num_classes); if False,
             the 4-D output of stage2 (after its last ReLU), unpooled.
+            Defaults to `True`.
         sync_batchnorm: `BatchNormalization(synchronized=True)` everywhere.
-        head_blocks: `None` for the rule above, or `[[b1, b2], [b3]]`: the
-            block counts of the head from "stage0" (its two stages) and of
-            the head from "stage1".
-        name: model name, default "resnet<depth>_cifar".
+            Defaults to `False`.
+        head_blocks: `None` (default) for the rule above, or
+            `[[b1, b2], [b3]]`: the positive block counts of the head from
+            "stage0" (its two stages) and of the head from "stage1".
+        name: model name. Defaults to `None`, meaning "resnet<depth>_cifar".
+        **kwargs: passed on to `keras.Model` (e.g. `trainable`).
+
+    Raises:
+        ValueError: `depth` is not 6n + 2 with n >= 1, `head_blocks` is not
+            of the form above, `num_classes` is missing with
+            `include_top=True` or is not an integer >= 2, or `input_shape`
+            does not have 3 entries.
 
     Example:
     ```python
     import keras, keras_dks
     from keras_dks import backbones
     backbone = backbones.resnet_cifar(32, num_classes=100)
-    backbone.count_params()  # 475,220: 472,756 trainable + BN statistics
-    backbone.dks_head_stages("stage0")    # [HeadStage(32, 5, 2), HeadStage(64, 2, 2)]
-    logits = backbone(keras.random.uniform((2, 32, 32, 3)))  # (2, 100)
+    print(backbone.count_params())  # 475220: 472,756 trainable + BN statistics
+    print(backbone.dks_head_stages("stage0"))
+    # [HeadStage(filters=32, blocks=5, stride=2),
+    #  HeadStage(filters=64, blocks=2, stride=2)]
+    print(backbone(keras.random.uniform((2, 32, 32, 3))).shape)  # (2, 100)
     ```
     """
 
@@ -301,25 +322,37 @@ class ResNet(_PostActivationResNet):
 
     Args:
         depth: 18, 34, 50, 101 or 152.
-        num_classes: classifier width (may be None with include_top=False).
-        input_shape: (height, width, channels) of the images.
+        num_classes: classifier width, an integer >= 2 (may be None with
+            include_top=False). Defaults to `1000`.
+        input_shape: (height, width, channels) of the images. Defaults to
+            `(224, 224, 3)`.
         include_top: if True, logits of shape (batch, num_classes); if False,
-            the 4-D output of conv5_x, unpooled.
+            the 4-D output of conv5_x, unpooled. Defaults to `True`.
         sync_batchnorm: `BatchNormalization(synchronized=True)` everywhere.
-        head_blocks: `None` or `"dhm"` for the DHM code's block counts,
-            `"copy"` for the backbone's own counts, or `[[b1, b2], [b3]]`:
-            the block counts of the head from "conv3_x" (its two stages) and
-            of the head from "conv4_x".
-        name: model name, default "resnet<depth>".
+            Defaults to `False`.
+        head_blocks: `None` (default) or `"dhm"` for the DHM code's block
+            counts, `"copy"` for the backbone's own counts, or
+            `[[b1, b2], [b3]]`: the positive block counts of the head from
+            "conv3_x" (its two stages) and of the head from "conv4_x".
+        name: model name. Defaults to `None`, meaning "resnet<depth>".
+        **kwargs: passed on to `keras.Model` (e.g. `trainable`).
+
+    Raises:
+        ValueError: `depth` is not one of the five, `head_blocks` is not of
+            the forms above, `num_classes` is missing with
+            `include_top=True` or is not an integer >= 2, or `input_shape`
+            does not have 3 entries.
 
     Example:
     ```python
     import keras, keras_dks
     from keras_dks import backbones
-    backbone = backbones.resnet18(num_classes=10, input_shape=(64, 64, 3))
-    backbone.dks_taps                    # ['conv4_x', 'conv3_x']
-    backbone.dks_head_stages("conv3_x")  # [HeadStage(256, 1, 2), HeadStage(512, 2, 2)]
-    logits = backbone(keras.random.uniform((2, 64, 64, 3)))  # (2, 10)
+    backbone = backbones.ResNet(18, num_classes=10, input_shape=(64, 64, 3))
+    print(backbone.dks_taps)                    # ['conv4_x', 'conv3_x']
+    print(backbone.dks_head_stages("conv3_x"))
+    # [HeadStage(filters=256, blocks=1, stride=2),
+    #  HeadStage(filters=512, blocks=2, stride=2)]
+    print(backbone(keras.random.uniform((2, 64, 64, 3))).shape)  # (2, 10)
     ```
     """
 
@@ -363,11 +396,23 @@ def resnet_cifar(depth, num_classes, **kwargs):
     """CIFAR ResNet-`depth` (6n + 2, e.g. 32 or 110):
     `CifarResNet(depth, num_classes, **kwargs)`.
 
+    Args:
+        depth: 6n + 2 with n >= 1.
+        num_classes: classifier width (None with `include_top=False`).
+        **kwargs: the other arguments of `CifarResNet` (`input_shape`,
+            `include_top`, `sync_batchnorm`, `head_blocks`, `name`).
+
+    Returns:
+        A `CifarResNet`.
+
+    Raises:
+        ValueError: see `CifarResNet`.
+
     Example:
     ```python
     from keras_dks import backbones
     r110 = backbones.resnet_cifar(110, num_classes=100)
-    r110.dks_taps   # ['stage1', 'stage0']
+    print(r110.dks_taps)   # ['stage1', 'stage0']
     ```
     """
     return CifarResNet(depth, num_classes, **kwargs)
@@ -384,14 +429,25 @@ def _preset(depth):
     build.__doc__ = f"""ResNet-{depth}: `ResNet({depth}, num_classes, **kwargs)`.
 
     {spec.block_kind.capitalize()} blocks {list(spec.stage_blocks)},
-    {spec.params:,} trainable parameters for 1000 classes; default heads
-    (DHM code) {spec.head_blocks} blocks. Arguments: see `ResNet`.
+    {spec.params:,} trainable parameters for 1000 classes (torchvision's
+    count); default heads (DHM code) {spec.head_blocks} blocks.
+
+    Args:
+        num_classes: classifier width. Defaults to `1000`.
+        **kwargs: the other arguments of `ResNet` (`input_shape`,
+            `include_top`, `sync_batchnorm`, `head_blocks`, `name`).
+
+    Returns:
+        A `ResNet` of depth {depth}.
+
+    Raises:
+        ValueError: see `ResNet`.
 
     Example:
     ```python
     from keras_dks import backbones
     net = backbones.resnet{depth}(num_classes=10, input_shape=(64, 64, 3))
-    net.dks_taps   # ['conv4_x', 'conv3_x']
+    print(net.dks_taps)   # ['conv4_x', 'conv3_x']
     ```
     """
     return build

@@ -63,28 +63,40 @@ class WideResNet(DKSBackbone):
 
     Args:
         depth: total depth, 6n + 4 with n >= 1 (16, 22, 28, 40, ...).
-        width: widening factor k; group widths are int(16k), int(32k),
-            int(64k), as in the authors' code.
-        num_classes: classifier width (may be None with include_top=False).
-        dropout: dropout rate between the two convs of every block (the
-            paper's "WRN-28-10 dropout" uses 0.3), 0 to disable.
-        input_shape: (height, width, channels) of the images.
+        width: widening factor k (a positive number); group widths are
+            int(16k), int(32k), int(64k), as in the authors' code.
+        num_classes: classifier width, an integer >= 2 (may be None with
+            include_top=False).
+        dropout: dropout rate in [0, 1) between the two convs of every block
+            (the paper's "WRN-28-10 dropout" uses 0.3), 0 to disable.
+            Defaults to `0.0`.
+        input_shape: (height, width, channels) of the images. Defaults to
+            `(32, 32, 3)` (CIFAR).
         include_top: if True, outputs logits (no softmax) of shape
             (batch, num_classes); if False, the 4-D map after the final
-            BN-ReLU (layer "final_relu"), without pooling.
+            BN-ReLU (layer "final_relu"), without pooling. Defaults to
+            `True`.
         sync_batchnorm: build every BatchNormalization with
             `synchronized=True` (statistics all-reduced across replicas
-            under `tf.distribute`).
-        name: model name, default "wrn_<depth>_<width>".
+            under `tf.distribute`). Defaults to `False`.
+        name: model name. Defaults to `None`, meaning "wrn_<depth>_<width>".
+        **kwargs: passed on to `keras.Model` (e.g. `trainable`).
+
+    Raises:
+        ValueError: `depth` is not 6n + 4 with n >= 1, `width` gives a group
+            width below 1, `dropout` is outside [0, 1), `num_classes` is
+            missing with `include_top=True` or is not an integer >= 2, or
+            `input_shape` does not have 3 entries.
 
     Example:
     ```python
     import keras, keras_dks
     from keras_dks import backbones
     backbone = backbones.WideResNet(depth=16, width=1, num_classes=10)
-    logits = backbone(keras.random.uniform((2, 32, 32, 3)))  # (2, 10)
-    backbone.dks_taps                    # ['group1', 'group0']
-    backbone.dks_head_stages("group1")   # [HeadStage(128, 2, 2)]
+    print(backbone(keras.random.uniform((2, 32, 32, 3))).shape)  # (2, 10)
+    print(backbone.dks_taps)                   # ['group1', 'group0']
+    print(backbone.dks_head_stages("group1"))
+    # [HeadStage(filters=128, blocks=2, stride=2)]
     model = keras_dks.DKSModel(backbone)  # the authors' WRN-DKS
     ```
     """
@@ -176,11 +188,26 @@ def wide_resnet(depth, width, num_classes, **kwargs):
     """WRN-`depth`-`width` of the DKS authors' code:
     `WideResNet(depth, width, num_classes, **kwargs)`.
 
+    Args:
+        depth: total depth, 6n + 4 (e.g. 16, 28).
+        width: widening factor k (e.g. 10 for WRN-28-10).
+        num_classes: classifier width (None with `include_top=False`).
+        **kwargs: the other arguments of `WideResNet` (`dropout`,
+            `input_shape`, `include_top`, `sync_batchnorm`, `name`).
+
+    Returns:
+        A `WideResNet`.
+
+    Raises:
+        ValueError: see `WideResNet`.
+
     Example:
     ```python
     from keras_dks import backbones
     wrn = backbones.wide_resnet(28, 10, num_classes=100)
-    wrn.count_params()  # 36,554,836: 36,536,884 trainable + BN statistics
+    # 36,536,884 trainable parameters, as the DKS authors' backbone,
+    # plus 17,952 BatchNormalization statistics:
+    print(wrn.count_params())  # 36554836
     ```
     """
     return WideResNet(depth, width, num_classes, **kwargs)
