@@ -10,10 +10,14 @@
 Resuming after a crash:
 
 ```python
-model = keras_dks.DKSModel(backbone, num_classes=100)     # built
+import numpy as np, keras, keras_dks
+backbone = keras_dks.backbones.wide_resnet(10, 1, num_classes=10)
+model = keras_dks.DKSModel(backbone)                      # built
 model.compile(keras.optimizers.SGD(0.1, momentum=0.9), metrics=["accuracy"])
-model.fit(train_ds, epochs=200, callbacks=[
-    keras_dks.callbacks.SafeBackupAndRestore("/ckpt/run1/backup"),
+x = np.random.rand(8, 32, 32, 3).astype("float32")
+y = np.random.randint(0, 10, 8)
+model.fit(x, y, epochs=2, verbose=0, callbacks=[
+    keras_dks.callbacks.SafeBackupAndRestore("/tmp/run1/backup"),
     keras_dks.callbacks.StopOnNonFiniteLoss(),
 ])
 ```
@@ -104,18 +108,35 @@ class SafeBackupAndRestore(keras.callbacks.Callback):
     worker its own `backup_dir`. The model must be built before `fit`.
 
     Args:
-        backup_dir: directory for the checkpoint, used by this callback only.
-        save_freq: `"epoch"` or an integer number of batches. Resuming
-            restarts the interrupted epoch from its first batch, so an
-            integer `save_freq` repeats batches; `"epoch"` resumes exactly.
+        backup_dir: local directory for the checkpoint, used by this
+            callback only.
+        save_freq: `"epoch"` (default) or a positive integer number of
+            batches. Resuming restarts the interrupted epoch from its first
+            batch, so an integer `save_freq` repeats batches; `"epoch"`
+            resumes exactly.
         double_checkpoint: keep the previous checkpoint as a fallback.
-        delete_checkpoint: delete `backup_dir` when training ends normally.
+            Defaults to `False`.
+        delete_checkpoint: delete `backup_dir` when training ends normally
+            (not after a non-finite loss). Defaults to `True`.
+
+    Raises:
+        ValueError: at construction, an empty or remote (`"://"`)
+            `backup_dir`, or a `save_freq` that is neither `"epoch"` nor a
+            positive integer; when `fit` starts, a model that is not built,
+            or a `training_metadata.json` that is not valid JSON.
+        OSError: when `fit` starts, no committed checkpoint in `backup_dir`
+            can be loaded.
 
     Example:
     ```python
-    model.fit(train_ds, epochs=200, callbacks=[
-        keras_dks.callbacks.SafeBackupAndRestore("/ckpt/run1/backup")])
-    # Killed? Run the same command again: it resumes at the killed epoch.
+    import numpy as np, keras, keras_dks
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True))
+    x, y = np.random.rand(16, 4), np.random.randint(0, 3, 16)
+    backup = keras_dks.callbacks.SafeBackupAndRestore("/tmp/run1/backup")
+    model.fit(x, y, epochs=2, callbacks=[backup], verbose=0)
+    # Killed? Run the same script again: it resumes at the killed epoch.
     ```
     """
 
@@ -352,7 +373,34 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     `DKSModel`'s label-range check.
 
     Args:
-        raise_error: raise `FloatingPointError` after stopping.
+        raise_error: raise `FloatingPointError` after stopping. Defaults to
+            `False`.
+
+    Attributes:
+        message: the error message, or None while every loss is finite.
+        terms: dict of the non-finite loss terms (and the total `loss`),
+            or `{"skipped_steps": n}` for a skipped step.
+        epoch: 0-based epoch of the stop.
+        batch: 0-based batch of the stop.
+        step: the optimizer's step count at the stop (None without an
+            optimizer).
+
+    Raises:
+        FloatingPointError: with `raise_error=True`, on the stopping batch.
+
+    Example:
+    ```python
+    import numpy as np, keras, keras_dks
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    x = np.random.rand(8, 4).astype("float32")
+    x[5] = np.nan                                  # a broken input
+    stop = keras_dks.callbacks.StopOnNonFiniteLoss()
+    model.fit(x, np.zeros(8), batch_size=2, epochs=3, shuffle=False,
+              callbacks=[stop], verbose=0)
+    print(stop.epoch, stop.batch)  # 0 2: the batch holding x[5]
+    print(stop.message)            # Non-finite loss at epoch 1, batch 3 ...
+    ```
     """
 
     def __init__(self, raise_error=False):
