@@ -128,10 +128,23 @@ def with_index(dataset):
     `((image, index), label)`, index = position in `dataset` (apply before
     shuffling). Needs TensorFlow (tf.data), on any Keras backend.
 
+    Args:
+        dataset: an *unbatched* `tf.data.Dataset` of `(image, label)`.
+
+    Returns:
+        A `tf.data.Dataset` of `((image, index), label)`, `index` an int64
+        in `[0, n)`: the training data `SRDL.fit` needs.
+
     Example:
     ```python
+    import numpy as np, tensorflow as tf, keras_dks
+    images = np.random.rand(64, 8, 8, 3).astype("float32")
+    labels = np.random.randint(0, 10, 64)
     ds = keras_dks.methods.with_index(
-        tf.data.Dataset.from_tensor_slices((images, labels))).batch(32)
+        tf.data.Dataset.from_tensor_slices((images, labels))
+    ).shuffle(64).batch(32)
+    (x, index), y = next(iter(ds))
+    print(x.shape, index.shape)  # (32, 8, 8, 3) (32,)
     ```
     """
     from keras_dks.data.pipelines import with_index as add_index
@@ -145,8 +158,10 @@ def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
     Args:
         initial_lr: learning rate at the first step of the stage.
         stage_steps: optimizer steps in one stage (epochs/2 x steps/epoch).
-        drops: fractions of the stage where the rate drops.
-        factor: multiplier at each drop.
+        drops: fractions of the stage where the rate drops. Defaults to
+            `(0.5, 0.75)` (the SRDL paper's).
+        factor: multiplier at each drop. Defaults to `0.1` (the SRDL
+            paper's).
 
     Returns:
         A `keras.optimizers.schedules.PiecewiseConstantDecay`.
@@ -159,8 +174,10 @@ def step_decay(initial_lr, stage_steps, drops=(0.5, 0.75), factor=0.1):
 
     Example:
     ```python
-    lr = keras_dks.methods.srdl.step_decay(0.1, stage_steps=1000)
-    float(lr(499)), float(lr(500)), float(lr(750))   # 0.1, 0.01, 0.001
+    from keras_dks.methods import step_decay
+    lr = step_decay(0.1, stage_steps=1000)
+    print([round(float(lr(s)), 6) for s in (499, 500, 750)])
+    # [0.1, 0.01, 0.001]
     ```
     """
     # `step_schedule` counts in "epochs" of `stage_steps` steps: a drop at
@@ -210,15 +227,24 @@ class SRDLModel(keras.Model):
         model: the classifier (one logits output; a model ending with a
             softmax or sigmoid raises a ValueError: SRDL needs logits).
         soft_targets: `(n, C)` array of stored probabilities, or None
-            (stage 1: cross-entropy only).
-        temperature: T.
-        distill_weight: multiplier on the T^2-scaled KL term (1 in the
-            paper).
-        weight_decay: coupled L2 on the classifier's trainable variables
-            (`weight_decay / 2 * sum ||w||^2` added to the loss, PyTorch's
-            SGD `weight_decay`), as `DKSModel(weight_decay=...)`.
+            (default; stage 1: cross-entropy only).
+        temperature: T, positive. Defaults to `3.0` (the SRDL paper's).
+        distill_weight: non-negative multiplier on the T^2-scaled KL term.
+            Defaults to `1.0` (the paper's).
+        weight_decay: non-negative coupled L2 on the classifier's trainable
+            variables (`weight_decay / 2 * sum ||w||^2` added to the loss,
+            PyTorch's SGD `weight_decay`), as `DKSModel(weight_decay=...)`.
+            Defaults to `0.0`.
         table_shape: shape of an empty table to create instead of
-            `soft_targets` (used when loading a saved model).
+            `soft_targets` (used when loading a saved model). Defaults to
+            `None`.
+        **kwargs: passed on to `keras.Model` (e.g. `name`).
+
+    Raises:
+        ValueError: a negative `weight_decay` or `distill_weight`, a
+            non-positive `temperature`, a `model` ending in softmax or
+            sigmoid, or `soft_targets` that is not 2-D; in training, stage-2
+            inputs without the example index.
 
     Example:
     ```python
@@ -288,6 +314,13 @@ class SRDLModel(keras.Model):
         An index outside the table gets a NaN row (the loss of its batch is
         NaN, never trained on another example's target); on TensorFlow the
         step fails instead with an error naming the fix.
+
+        Args:
+            index: integer tensor of example indices (any shape; flattened
+                to `(B,)`).
+
+        Returns:
+            A float32 tensor `(B, C)`, the rows of `soft_targets`.
         """
         index = ops.reshape(ops.cast(index, "int32"), (-1,))
         rows = ops.shape(self.soft_targets)[0]
@@ -407,23 +440,32 @@ class SRDL:
     Args:
         model_fn: function returning a new, uncompiled classifier with one
             logits output, or a `keras.Model` (see Restart).
-        epochs: the total budget M (even); each stage gets M/2.
-        temperature: T of the stored soft targets and of the student.
-        distill_weight: multiplier on the T^2 KL term (1 in the paper).
+        epochs: the total budget M (even, >= 2); each stage gets M/2.
+        temperature: T of the stored soft targets and of the student,
+            positive. Defaults to `3.0` (the SRDL paper's).
+        distill_weight: multiplier on the T^2 KL term. Defaults to `1.0`
+            (the paper's).
         optimizer_fn: `optimizer_fn(stage_steps) -> optimizer`, called once
             per stage with the number of optimizer steps in a stage, so a
             schedule can span exactly one stage (see `step_decay`).
-        loss: supervised loss (default sparse categorical cross-entropy on
-            logits).
-        metrics: metrics for `compile`.
-        restart: re-initialise the network for stage 2.
+            Defaults to `None`, meaning `SRDL.default_optimizer`.
+        loss: supervised loss. Defaults to `None`, meaning sparse
+            categorical cross-entropy on logits.
+        metrics: metrics for `compile`. Defaults to `None`.
+        restart: re-initialise the network for stage 2. Defaults to `True`
+            (the paper's method).
         weight_decay: coupled L2 on all trainable variables of the
             classifier, in both stages (see `SRDLModel`). None (default):
             the paper's 2e-4 with the default optimizer, 0 with your own
             `optimizer_fn`.
         strategy: optional `tf.distribute` strategy; models, optimizers and
-            the table are created in its scope.
+            the table are created in its scope. Defaults to `None`.
         compile_kwargs: extra `compile` arguments (e.g. `jit_compile`).
+            Defaults to `None`.
+
+    Raises:
+        ValueError: `model_fn` is neither callable nor a `keras.Model`,
+            `epochs` is odd or below 2, or `temperature` is not positive.
 
     Attributes (after `fit`):
         model: the final (stage-2) classifier.
@@ -485,7 +527,22 @@ class SRDL:
     def default_optimizer(stage_steps):
         """The paper's optimizer for one stage: SGD, Nesterov momentum 0.9,
         lr 0.1 x0.1 at 50 % and 75 % of the stage (weight decay is the
-        model's `weight_decay`)."""
+        model's `weight_decay`), from `PAPER_RECIPE`.
+
+        Args:
+            stage_steps: optimizer steps in one stage.
+
+        Returns:
+            A `keras.optimizers.SGD` with a `step_decay` schedule.
+
+        Example:
+        ```python
+        from keras_dks.methods import SRDL
+        optimizer = SRDL.default_optimizer(stage_steps=1000)
+        print(optimizer.nesterov, round(float(optimizer.learning_rate), 6))
+        # True 0.1
+        ```
+        """
         r = PAPER_RECIPE
         return keras.optimizers.SGD(
             step_decay(r["learning_rate"], stage_steps, r["drops"], r["decay"]),
@@ -558,7 +615,17 @@ class SRDL:
             verbose, **fit_kwargs: passed to `keras.Model.fit`.
 
         Returns:
-            `[history_stage1, history_stage2]`.
+            `[history_stage1, history_stage2]` (`keras.callbacks.History`;
+            the first is None when a finished stage 1 was restored from
+            `checkpoint_dir`).
+
+        Raises:
+            ValueError: NumPy `x` without `y`, a dataset with `y`, a dataset
+                of unknown or infinite length without `steps_per_epoch`, an
+                infinite dataset without `extraction_data`, a `model_fn`
+                result that is not a one-output `keras.Model`, integer labels
+                outside `[0, num_classes)`, or `extraction_data` that misses
+                an example (see `extract_soft_targets`).
         """
         inputs = self._training_inputs(
             x, y, batch_size, steps_per_epoch, num_examples, extraction_data, fit_kwargs
@@ -698,6 +765,10 @@ class SRDL:
 
         Returns:
             `(n, C)` float32 NumPy array; row i belongs to index i.
+
+        Raises:
+            ValueError: `data` is empty, carries no index, has an index
+                outside `[0, num_examples)`, or misses an example.
         """
         def soften(images):
             logits = np.asarray(model.predict_on_batch(images), "float32")
