@@ -47,8 +47,8 @@ def dks_kwargs(method, pairs=None, **overrides):
             (`pairs=pairs`) or `"dhm"` (`pairs=pairs`; pass `roots=...`,
             `branch_keep_prob=...` for DHM's options, which need
             `DHMModel`, see `build_model`). `"srdl"` raises: use `SRDL`.
-        pairs: pair strategy of `dks` and `dhm` (default
-            `"bidirectional"`, the paper's best).
+        pairs: pair strategy of `dks` and `dhm`. Defaults to `None`,
+            meaning `"bidirectional"` (the DKS paper's best).
         **overrides: any other constructor argument (`taps`, `head`,
             `aux_weight`, `weight_decay`, ...); they win over the defaults,
             except where they contradict the method (taps for the baseline,
@@ -57,12 +57,20 @@ def dks_kwargs(method, pairs=None, **overrides):
     Returns:
         A dict of keyword arguments.
 
+    Raises:
+        ValueError: an unknown method, `"srdl"`, or overrides that
+            contradict the method (taps for the baseline, pairs other than
+            `"none"` for DS, `roots` / `root_probs` / `root_sampling` /
+            `eval_roots` / `branch_keep_prob` / `branch_sampling` outside
+            `"dhm"`).
+
     Example:
     ```python
     from keras_dks import methods
-    for method in ("baseline", "ds", "dks", "dhm"):
-        model = keras_dks.DKSModel(backbone, num_classes=10,
-                                   **methods.dks_kwargs(method))
+    print(methods.dks_kwargs("baseline"))          # {'taps': []}
+    print(methods.dks_kwargs("ds"))                # {'pairs': 'none'}
+    print(methods.dks_kwargs("dks", aux_weight=0.5))
+    # {'pairs': 'bidirectional', 'aux_weight': 0.5}
     ```
     """
     if method not in METHODS:
@@ -97,14 +105,29 @@ def build_model(method, backbone, num_classes=None, pairs=None, **overrides):
     """The model of a method: `DKSModel`, or `DHMModel` for `"dhm"`.
 
     Args:
-        method: one of `METHODS` except `"srdl"` (use `SRDL`).
-        backbone, num_classes: see `DKSModel`.
-        pairs, **overrides: see `dks_kwargs`.
+        method: one of `MODEL_METHODS` (`METHODS` except `"srdl"`: use
+            `SRDL`).
+        backbone: the backbone, see `keras_dks.DKSModel`.
+        num_classes: number of classes, see `keras_dks.DKSModel`.
+            Defaults to `None`.
+        pairs: see `dks_kwargs`. Defaults to `None`.
+        **overrides: other constructor arguments, see `dks_kwargs`.
+
+    Returns:
+        A `keras_dks.methods.DHMModel` for `"dhm"`, else a
+        `keras_dks.DKSModel`.
+
+    Raises:
+        ValueError: see `dks_kwargs`, and the constructor's own checks.
 
     Example:
     ```python
-    model = keras_dks.methods.build_model("dhm", backbone, num_classes=10)
+    import keras_dks
+    backbone = keras_dks.backbones.wide_resnet(10, 1, num_classes=10)
+    model = keras_dks.methods.build_model("dhm", backbone)
     model.compile(optimizer="sgd", metrics=["accuracy"])
+    print(type(model).__name__, model.head_names)
+    # DHMModel ['main', 'aux_group1', 'aux_group0']
     ```
     """
     kwargs = dks_kwargs(method, pairs=pairs, **overrides)

@@ -25,10 +25,16 @@ from keras_dks.model import DKSModel
 def frozen_teacher(model, name=None):
     """An independent, frozen copy of a trained model's inference network.
 
+    The copy is made with `keras.models.clone_model` (new layers from the
+    same configs) and the weights copied over.
+
     Args:
         model: a trained `DKSModel` (its `inference_model()`: backbone +
-            main head, logits) or any `keras.Model` with logits output.
-        name: name of the copy (default `<name>_teacher`).
+            main head, logits, is copied) or any functional / Sequential
+            `keras.Model` with logits output (copied as is).
+        name: name of the copy. Defaults to `None`, meaning
+            `"<name>_teacher"` where `<name>` is the copied network's name
+            (for a `DKSModel`: `"<backbone name>_inference_teacher"`).
 
     Returns:
         A non-trainable functional `keras.Model` with the same weights;
@@ -36,14 +42,28 @@ def frozen_teacher(model, name=None):
 
     Example:
     ```python
+    import numpy as np, keras, keras_dks
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="s1")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="s2")(x)
+    dks_model = keras_dks.DKSModel(keras.Model(inputs, x), num_classes=5,
+                                   taps=["s1"])            # trained before
+    student = keras.Sequential([keras.Input((16, 16, 3)),
+                                keras.layers.Flatten(), keras.layers.Dense(5)])
     teacher = keras_dks.methods.frozen_teacher(dks_model)
     distiller = keras.distillation.Distiller(
         teacher=teacher, student=student,
-        distillation_losses=keras.distillation.LogitsDistillation(temperature=3.0),
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=3.0),
         student_loss_weight=0.5)
-    distiller.compile(optimizer="adam",
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    distiller.fit(x, y, epochs=1)
+    distiller.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.rand(8, 16, 16, 3).astype("float32")
+    y = np.random.randint(0, 5, 8)
+    distiller.fit(x, y, epochs=1, verbose=0)
+    print(dks_model.trainable)  # True: only the copy is frozen
     ```
     """
     net = model.inference_model() if isinstance(model, DKSModel) else model
