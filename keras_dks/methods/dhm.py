@@ -55,18 +55,28 @@ class RootSelector(keras.layers.Layer):
 
     Args:
         candidates: names of the candidate layers (for logs and configs).
-        probs: probability of each candidate (normalised here).
-        eval_index: candidate used when not training. Default: the most
-            probable one (the first on ties).
-        sampling: `"epoch"` or `"step"`.
-        seed: seed of the draws.
+        probs: probability of each candidate, non-negative and not all zero
+            (normalised here).
+        eval_index: candidate used when not training. Defaults to `None`,
+            meaning the most probable one (the first on ties).
+        sampling: `"epoch"` (default) or `"step"`.
+        seed: seed of the draws. Defaults to `0`.
+        **kwargs: passed on to `keras.layers.Layer` (e.g. `name`).
+
+    Raises:
+        ValueError: not one probability per candidate, negative or all-zero
+            probabilities, an `eval_index` out of range, an unknown
+            `sampling`; when built, a number of inputs other than the
+            number of candidates, or inputs of different shapes.
 
     Example:
     ```python
+    import keras, keras_dks
     a, b = keras.Input((4, 4, 8)), keras.Input((4, 4, 8))
     sel = keras_dks.methods.RootSelector(["a", "b"], [0.3, 0.7], seed=1)
-    out = sel([a, b])
-    int(sel.draw(0))   # the candidate drawn for step 0
+    out = sel([a, b])              # (None, 4, 4, 8)
+    print(sel.eval_index)          # 1: the most probable, used at inference
+    print(int(sel.draw(0)) in (0, 1))  # True: the candidate drawn for step 0
     ```
     """
 
@@ -134,11 +144,26 @@ class RootSelector(keras.layers.Layer):
         The counter is the model's step counter (per-step sampling) or its
         value at the start of the epoch (per-epoch sampling):
         `keras_dks.draws.categorical(cumsum(probs), seed, counter)`.
+
+        Args:
+            counter: an integer (or integer scalar tensor).
+
+        Returns:
+            An int32 scalar tensor in `[0, len(candidates))`, the same for
+            the same `(seed, counter)`.
         """
         return draws.categorical(np.cumsum(self.probs), self.seed, counter)
 
     def current_index(self, training=False):
-        """The candidate this layer feeds forward in the given mode."""
+        """The candidate this layer feeds forward in the given mode.
+
+        Args:
+            training: whether in training. Defaults to `False`
+                (`eval_index`).
+
+        Returns:
+            An int32 scalar tensor.
+        """
         if not training:
             return ops.convert_to_tensor(self.eval_index, "int32")
         if self.sampling == "step" and self._step_source is not None:
@@ -174,7 +199,23 @@ class RootSelector(keras.layers.Layer):
 
 
 def root_selectors(model):
-    """Every `RootSelector` inside `model` (also inside nested models)."""
+    """Every `RootSelector` inside `model` (also inside nested models).
+
+    Args:
+        model: a `keras.Model` (or any object with a `layers` list).
+
+    Returns:
+        A list of `RootSelector`, breadth first.
+
+    Example:
+    ```python
+    import keras
+    from keras_dks.methods.dhm import root_selectors
+    inputs = keras.Input((4,))
+    print(root_selectors(keras.Model(inputs, keras.layers.Dense(2)(inputs))))
+    # []
+    ```
+    """
     found, queue, seen = [], list(getattr(model, "layers", [])), set()
     while queue:
         layer = queue.pop(0)
@@ -209,14 +250,30 @@ class RootResampler(keras.callbacks.Callback):
     context, so under `tf.distribute` every replica sees the same choice.
 
     Args:
-        verbose: print the choices at each epoch.
+        verbose: print the choices at each epoch. Defaults to `0`.
+
+    Attributes:
+        choices: `[(epoch, {head name: chosen root})]`, one entry per epoch.
+        active: `[(epoch, [names of the auxiliary heads that are on])]`,
+            for epochs whose branch mask was drawn.
 
     Example:
     ```python
+    import numpy as np, keras, keras_dks
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="b1")(inp)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="b2")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="c")(x)
+    # One branch whose root is drawn from "b1" and "b2" every epoch.
+    model = keras_dks.methods.DHMModel(keras.Model(inp, x), num_classes=5,
+                                       roots=[["b1", "b2"]], head="conv",
+                                       seed=0)
+    model.compile(optimizer="sgd")
     resampler = keras_dks.methods.RootResampler()
-    model.fit(x, y, epochs=3, callbacks=[resampler])
-    resampler.choices   # [(0, {"aux_b1_b2": "b2"}), (1, {...}), ...]
-    resampler.active    # [(0, ["aux_b1_b2"]), ...] with branch_keep_prob < 1
+    model.fit(np.random.rand(8, 16, 16, 3), np.random.randint(0, 5, 8),
+              epochs=3, callbacks=[resampler], verbose=0)
+    print(resampler.choices)
+    # [(0, {'aux_b1_b2': 'b1'}), (1, {'aux_b1_b2': ...}), (2, {...})]
     ```
     """
 
@@ -236,6 +293,10 @@ class RootResampler(keras.callbacks.Callback):
 
     def resample(self, counter):
         """Draws and assigns the choices of counter `counter`.
+
+        Args:
+            counter: the model's step counter at the start of the epoch
+                (an int).
 
         Returns:
             `(roots, active)`: `{head name: chosen root}` of the per-epoch
@@ -447,9 +508,24 @@ class DHMModel(DKSModel):
         pair_keep_prob: per-pair dropping probability, see `DKSModel`.
         seed: seed of every draw (random if None).
         taps: alias of `roots`, so the kwargs of a `DKSModel` also build a
-            `DHMModel`.
+            `DHMModel`. Defaults to `None`.
+        name: model name. Defaults to `"dhm_model"`.
         **kwargs: every other `DKSModel` argument (`head`, `pairs`,
             `aux_weight`, `synergy_weight`, `weight_decay`, ...).
+
+    Argument defaults: `roots="auto"`, `root_probs=None`,
+    `root_sampling="epoch"`, `eval_roots=None`, `branch_keep_prob=1.0`,
+    `branch_sampling="epoch"`, `pair_keep_prob=1.0`, `seed=None` (see the
+    list above for where they come from).
+
+    Raises:
+        ValueError: both `roots` and `taps` given; an unknown
+            `root_sampling` / `branch_sampling`; a `branch_keep_prob`
+            outside (0, 1] or with another length than the auxiliary heads;
+            `root_probs` / `eval_roots` with `roots="auto"`, or with another
+            length than `roots`; a root named twice, an eval root that is
+            not a candidate, candidates of different shapes; and every
+            `DKSModel` check.
 
     Example:
     ```python
@@ -592,6 +668,12 @@ class DHMModel(DKSModel):
         its value at the start of the epoch (`"epoch"`):
         `keras_dks.draws.bernoulli_mask(branch_keep_prob, branch_mask_seed,
         counter)`, one entry per auxiliary head in `head_names[1:]` order.
+
+        Args:
+            counter: an integer (or integer scalar tensor).
+
+        Returns:
+            A float32 tensor of 0s and 1s, shape `(len(head_names) - 1,)`.
         """
         return draws.bernoulli_mask(self._branch_probs, self.branch_mask_seed, counter)
 
@@ -622,7 +704,16 @@ class DHMModel(DKSModel):
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, adding a `RootResampler` when something is
-        drawn per epoch and none is in `callbacks`."""
+        drawn per epoch and none is in `callbacks`.
+
+        Args:
+            *args: `keras.Model.fit`'s positional arguments.
+            callbacks: list of callbacks, as in `keras.Model.fit`.
+            **kwargs: `keras.Model.fit`'s other keyword arguments.
+
+        Returns:
+            The `keras.callbacks.History` of `keras.Model.fit`.
+        """
         callbacks = list(callbacks or [])
         per_epoch = (self.root_sampling == "epoch" and self.root_selectors) or (
             self.branch_sampling == "epoch" and self.samples_branches
