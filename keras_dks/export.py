@@ -124,24 +124,28 @@ def export_inference(
             ending in `.tflite` / `.onnx` / `.xml` for the others. A local
             path, except for `"tf_saved_model"`, which any `tf.io.gfile`
             path (`gs://...`) takes.
-        format: one of `"tf_saved_model"`, `"litert"`, `"onnx"`,
+        format: one of `"tf_saved_model"` (default), `"litert"`, `"onnx"`,
             `"openvino"`.
         verbose: print what was written (Keras' default for the format when
-            None).
+            None, the default).
         input_signature: optional input spec, as in `Model.export`. Default:
             one float32 input named `images` of the model's input shape with
             a free batch dimension.
-        **kwargs: passed on to Keras' exporter of the format.
+        **kwargs: passed on to Keras' exporter of the format (none accepted
+            for `"tf_saved_model"`).
 
     Returns:
         The path written, as a `str`.
 
     Raises:
-        ValueError: unknown format, a file name the format cannot write, a
-            remote path for a file format, or a model that is not a
-            single-output logits classifier.
+        ValueError: unknown format (or `"torch"`), a file name the format
+            cannot write, a remote path for a file format, extra `**kwargs`
+            with `"tf_saved_model"`, or a model that is not a single-output
+            logits classifier (or a half-precision model that cannot be
+            rebuilt in float32).
         ImportError: the converter the format needs is not installed (the
             message names the pip package).
+        RuntimeError: the Keras backend is not TensorFlow.
 
     Example:
     ```python
@@ -371,26 +375,29 @@ def export_saved_model(
             Serving's `--model_base_path`). Created if missing. A URL
             (`gs://...`, `s3://...`) raises `ValueError`: export locally,
             then copy the version folder.
-        version: integer version (folder name). Default: one more than the
-            largest existing numeric folder, 1 for an empty or new base.
-        input_dtype: `"uint8"` (raw pixels) or `"float32"`.
+        version: non-negative integer version (folder name). Default
+            (`None`): one more than the largest existing numeric folder, 1
+            for an empty or new base.
+        input_dtype: `"uint8"` (raw pixels, default) or `"float32"`.
         preprocessing: optional `keras.layers.Layer` (e.g. `Rescaling`,
             `Normalization`, `Resizing`, or a `keras.Sequential` of them) or
             callable applied to the float32 images before the model. Its
             variables (e.g. an adapted `Normalization`'s mean/variance) are
-            exported too.
-        top_k: number of classes in `classes` / `scores`; clipped to
-            `num_classes`.
+            exported too. Defaults to `None`.
+        top_k: integer >= 1, number of classes in `classes` / `scores`;
+            clipped to `num_classes`. Defaults to `5`.
         overwrite: replace an existing `<export_base>/<version>/`. Without it
-            an existing version raises `FileExistsError`.
+            (default `False`) an existing version raises `FileExistsError`.
 
     Returns:
         The absolute path of the version folder written, as a `str`.
 
     Raises:
-        ValueError: bad `input_dtype`, `version`, `top_k` or `preprocessing`,
-            or a model that is not a single-output logits classifier.
+        ValueError: a remote `export_base`, bad `input_dtype`, `version`,
+            `top_k` or `preprocessing`, or a model that is not a
+            single-output logits classifier.
         FileExistsError: the version exists and `overwrite=False`.
+        RuntimeError: the Keras backend is not TensorFlow.
 
     Example:
     ```python
@@ -657,10 +664,31 @@ def main(argv=None):
     `error: ...` on bad arguments, a missing or unreadable model file, or a
     refused export.
 
+    Flags: `--model` (a `.keras` file, required); `--format` (`serving`, the
+    default: `export_saved_model` into `--export_base`, with `--version`,
+    `--input_dtype`, `--top_k`, `--overwrite` and `--scale` / `--offset`
+    baking in `keras.layers.Rescaling(scale, offset)`; or one of `FORMATS`:
+    `export_inference` to `--output`).
+
+    Args:
+        argv: the command-line arguments, without the program name.
+            Defaults to `None`, meaning `sys.argv[1:]`.
+
+    Returns:
+        The path written, as a `str`.
+
+    Raises:
+        SystemExit: status 2 on any of the errors above.
+
     Example:
     ```python
+    import keras
     from keras_dks.export import main
-    main(["--model", "model.keras", "--format", "onnx", "--output", "model.onnx"])
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    keras.Model(inputs, keras.layers.Dense(5)(x)).save("/tmp/model.keras")
+    main(["--model", "/tmp/model.keras", "--format", "onnx",
+          "--output", "/tmp/model.onnx"])      # prints /tmp/model.onnx
     ```
     """
     parser = _parser()
