@@ -20,14 +20,19 @@ def augment(image, padding=4):
 
     Args:
         image: one `(height, width, channels)` image with a static shape.
-        padding: pixels of reflection padding on every side.
+        padding: pixels of reflection padding on every side, less than the
+            height and the width. Defaults to `4` (the DKS authors' code);
+            0 skips the pad and crop (the flip remains).
 
     Returns:
         An image of the same shape and dtype.
 
     Example:
     ```python
-    crop = augment(tf.zeros((32, 32, 3), tf.uint8))   # (32, 32, 3)
+    import tensorflow as tf
+    from keras_dks.data.cifar import augment
+    crop = augment(tf.zeros((32, 32, 3), tf.uint8))
+    print(crop.shape)   # (32, 32, 3)
     ```
     """
     shape = image.shape
@@ -61,25 +66,32 @@ def make_dataset(
             [0, 255] (e.g. `pipelines.load_tfds(...)[0]`).
         training: augment and shuffle (the test split is only normalised,
             in its stored order, so evaluation is deterministic).
-        batch_size: global batch size.
-        mean, std: per-channel statistics on the [0, 1] scale.
+        batch_size: global batch size, a positive integer.
+        mean, std: per-channel statistics on the [0, 1] scale. Default:
+            `MEAN` and `STD`, the DKS authors' CIFAR statistics
+            ([125.3, 123.0, 113.9] / 255 and [63.0, 62.1, 66.7] / 255).
         padding: reflection padding of the random crop (0: no crop).
+            Defaults to `4` (the authors' code).
         image_size: resize images to `(image_size, image_size)` first
-            (None keeps them; they must then all have the same shape).
-        shuffle_buffer: shuffle buffer (the whole CIFAR training set by
-            default).
-        seed: shuffle seed.
+            (None, the default, keeps them; they must then all have the
+            same shape).
+        shuffle_buffer: shuffle buffer. Defaults to `50000` (the whole
+            CIFAR training set).
+        seed: shuffle seed. Defaults to `None`.
         cache: keep the decoded uint8 images in memory after the first
             pass (CIFAR is 150 MB); augmentation still runs every epoch.
-        repeat: repeat forever (for `fit(steps_per_epoch=...)`).
-        drop_remainder: drop the last partial batch.
+            Defaults to `True`.
+        repeat: repeat forever (for `fit(steps_per_epoch=...)`). Defaults
+            to `False`.
+        drop_remainder: drop the last partial batch. Defaults to `False`.
         with_index: yield `((images, index), labels)`, `index` being each
             example's position in the data before shuffling (SRDL's
             example index, see `keras_dks.data.pipelines.with_index`).
+            Defaults to `False`.
 
     Returns:
-        A `tf.data.Dataset` of float32 `(batch, H, W, C)` images and int64
-        labels.
+        A `tf.data.Dataset` of float32 `(batch, H, W, C)` images and the
+        dataset's integer labels, in their dtype (int64 from TFDS).
 
     Raises:
         ValueError: elements that are not unbatched `(uint8 image, integer
@@ -89,9 +101,15 @@ def make_dataset(
 
     Example:
     ```python
-    from keras_dks.data import cifar, pipelines
-    raw, info = pipelines.load_tfds("cifar100", "train", shuffle_files=True)
-    train = cifar.make_dataset(raw, training=True, batch_size=128)
+    import numpy as np, tensorflow as tf
+    from keras_dks.data import cifar
+    images = np.random.randint(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    labels = np.random.randint(0, 100, 64)
+    raw = tf.data.Dataset.from_tensor_slices((images, labels))
+    # Real CIFAR-100: raw, info = pipelines.load_tfds("cifar100", "train")
+    train = cifar.make_dataset(raw, training=True, batch_size=16)
+    x, y = next(iter(train))
+    print(x.shape, x.dtype.name, y.dtype.name)  # (16, 32, 32, 3) float32 int64
     ```
     """
     pipelines.check_positive_int(batch_size, "batch_size")

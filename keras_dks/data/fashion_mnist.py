@@ -57,8 +57,10 @@ def read_idx(path):
 
     Example:
     ```python
-    labels = read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
-    labels.shape   # (10000,)
+    from keras_dks.data.fashion_mnist import read_idx
+    labels = read_idx(
+        "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz")
+    print(labels.shape, labels.dtype)   # (10000,) uint8
     ```
     """
     with open(path, "rb") as f:
@@ -109,7 +111,18 @@ def _find(data_dir, stem):
 
 
 def default_data_dir():
-    """Debian's Fashion-MNIST folder when installed, else None."""
+    """Debian's Fashion-MNIST folder when installed, else None.
+
+    Returns:
+        `DEBIAN_DIR` (`"/usr/share/datasets/fashion-mnist"`) when it is a
+        folder, else None.
+
+    Example:
+    ```python
+    from keras_dks.data.fashion_mnist import default_data_dir
+    print(default_data_dir())   # /usr/share/datasets/fashion-mnist, or None
+    ```
+    """
     return DEBIAN_DIR if os.path.isdir(DEBIAN_DIR) else None
 
 
@@ -117,8 +130,8 @@ def load_data(data_dir=None):
     """Fashion-MNIST as NumPy arrays, like `keras.datasets.fashion_mnist`.
 
     Args:
-        data_dir: folder with the four IDX files (`.gz` or not). None: the
-            Debian package's folder when present, else
+        data_dir: folder with the four IDX files (`.gz` or not). None (the
+            default): the Debian package's folder when present, else
             `keras.datasets.fashion_mnist.load_data()` (downloads once).
 
     Returns:
@@ -127,13 +140,16 @@ def load_data(data_dir=None):
 
     Raises:
         FileNotFoundError: no such folder, or a file missing in it.
+        NotADirectoryError: `data_dir` is a file.
         ValueError: files that are not IDX, or not Fashion-MNIST (image
             size, label range, mismatched counts).
         RuntimeError: no folder and the `keras.datasets` download failed.
 
     Example:
     ```python
+    from keras_dks.data.fashion_mnist import load_data
     (x_train, y_train), (x_test, y_test) = load_data()
+    print(x_train.shape, x_test.shape)   # (60000, 28, 28) (10000, 28, 28)
     ```
     """
     data_dir = data_dir or default_data_dir()
@@ -176,7 +192,31 @@ def load_data(data_dir=None):
 
 
 def subset(x, y, n, seed=1234):
-    """A fixed random subset of `n` examples (all when `n` is 0 or too big)."""
+    """A fixed random subset of `n` examples (all when `n` is 0 or too big).
+
+    Args:
+        x: array of examples (indexed along axis 0).
+        y: array of labels, same length as `x`.
+        n: number of examples to keep, >= 0; 0 or `n >= len(x)` keeps all
+            (`x` and `y` themselves are returned).
+        seed: seed of the permutation (NumPy's `default_rng`). Defaults to
+            `1234`.
+
+    Returns:
+        `(x_subset, y_subset)`, the same `n` examples of both.
+
+    Raises:
+        ValueError: `n` is None or negative.
+
+    Example:
+    ```python
+    import numpy as np
+    from keras_dks.data.fashion_mnist import subset
+    x, y = np.zeros((100, 28, 28), np.uint8), np.arange(100) % 10
+    xs, ys = subset(x, y, 10)
+    print(xs.shape, ys.shape)   # (10, 28, 28) (10,)
+    ```
+    """
     if n is None or n < 0:
         raise ValueError(f"The subset size must be >= 0 (0: all), got {n}.")
     if not n or n >= len(x):
@@ -206,16 +246,22 @@ def make_dataset(
         x: uint8 images `(n, 28, 28)` or `(n, 28, 28, 1)`.
         y: integer labels `(n,)`.
         training: augment and shuffle.
-        batch_size: batch size.
-        padding: reflection padding of the random crop.
-        seed: shuffle seed.
-        repeat: repeat forever (for `fit(steps_per_epoch=...)`).
-        drop_remainder: drop the last partial batch.
-        augment: with `training`, apply the augmentation (False: shuffle
-            only).
+        batch_size: batch size, a positive integer.
+        padding: reflection padding of the random crop. Defaults to `4`.
+        seed: shuffle seed. Defaults to `None`.
+        repeat: repeat forever (for `fit(steps_per_epoch=...)`). Defaults
+            to `False`.
+        drop_remainder: drop the last partial batch. Defaults to `False`.
         with_index: yield `((images, index), labels)`, `index` being each
             example's position in the data before shuffling (SRDL's
             example index, see `keras_dks.data.pipelines.with_index`).
+            Defaults to `False`.
+        augment: with `training`, apply the augmentation (False: shuffle
+            only). Defaults to `True`.
+
+    Returns:
+        A `tf.data.Dataset` of float32 `(batch, 28, 28, 1)` images,
+        normalised with `MEAN` and `STD`, and int64 labels.
 
     Raises:
         ValueError: images that are not uint8 grayscale, labels that are not
@@ -223,8 +269,12 @@ def make_dataset(
 
     Example:
     ```python
+    from keras_dks.data.fashion_mnist import load_data, make_dataset, subset
     (x, y), (xt, yt) = load_data()
+    x, y = subset(x, y, 1000)
     train = make_dataset(x, y, training=True, batch_size=128)
+    images, labels = next(iter(train))
+    print(images.shape, labels.shape)   # (128, 28, 28, 1) (128,)
     ```
     """
     from keras_dks.data import cifar
