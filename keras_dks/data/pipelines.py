@@ -28,7 +28,11 @@ def normalize(image, mean, std):
 
     Example:
     ```python
-    x = normalize(tf.zeros((32, 32, 3), tf.uint8), CIFAR_MEAN, CIFAR_STD)
+    import tensorflow as tf
+    from keras_dks.data import cifar
+    from keras_dks.data.pipelines import normalize
+    x = normalize(tf.zeros((32, 32, 3), tf.uint8), cifar.MEAN, cifar.STD)
+    print(x.shape, x.dtype.name)   # (32, 32, 3) float32
     ```
     """
     image = tf.cast(image, tf.float32) / 255.0
@@ -38,7 +42,22 @@ def normalize(image, mean, std):
 
 
 def check_positive_int(value, name):
-    """Raise ValueError unless `value` is an integer >= 1 (batch sizes, steps)."""
+    """Raise ValueError unless `value` is an integer >= 1 (batch sizes, steps).
+
+    Args:
+        value: the value to check (a Python or NumPy integer; bools are
+            refused).
+        name: the argument's name, for the message.
+
+    Raises:
+        ValueError: `value` is not an integer >= 1.
+
+    Example:
+    ```python
+    from keras_dks.data.pipelines import check_positive_int
+    check_positive_int(128, "batch_size")    # passes
+    ```
+    """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
@@ -51,11 +70,17 @@ def check_statistics(mean, std, channels=None):
 
     Args:
         mean, std: a scalar or one value per channel, on the [0, 1] scale.
-        channels: image channels (None: unknown, only `std > 0` is checked).
+        channels: image channels (None: unknown, the count is not checked).
+
+    Raises:
+        ValueError: values that are not finite numbers, a count other than
+            1 or `channels`, a `std` <= 0, or a value > 1 (0-255
+            statistics).
 
     Example:
     ```python
-    check_statistics((0.5, 0.5, 0.5), (0.25,) * 3, channels=3)
+    from keras_dks.data.pipelines import check_statistics
+    check_statistics((0.5, 0.5, 0.5), (0.25,) * 3, channels=3)   # passes
     ```
     """
     for name, values in (("mean", mean), ("std", std)):
@@ -98,8 +123,11 @@ def check_supervised_images(dataset, image_size=None):
 
     Example:
     ```python
-    raw = tf.data.Dataset.from_tensor_slices((images_uint8, labels))
-    check_supervised_images(raw)   # TensorShape([32, 32, 3])
+    import numpy as np, tensorflow as tf
+    from keras_dks.data.pipelines import check_supervised_images
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    raw = tf.data.Dataset.from_tensor_slices((images, np.arange(4)))
+    print(check_supervised_images(raw))   # (32, 32, 3)
     ```
     """
     spec = dataset.element_spec
@@ -162,11 +190,15 @@ def load_tfds(
         name: TFDS name, e.g. `"cifar100"`, `"imagenet2012"`,
             `"imagenette/160px"`.
         split: TFDS split string, e.g. `"train"`, `"train[:5000]"`, `"test"`.
-        data_dir: where the prepared data lives (TFDS default if None).
-        manual_dir: folder holding manually downloaded archives.
+        data_dir: where the prepared data lives (TFDS default if None, the
+            default).
+        manual_dir: folder holding manually downloaded archives. Defaults
+            to `None`.
         shuffle_files: read the record files in a random order (training).
-        seed: seed of the file shuffling.
-        decode_images: False keeps JPEG images as encoded strings
+            Defaults to `False`.
+        seed: seed of the file shuffling. Defaults to `None`.
+        decode_images: True (default) decodes the images; False keeps JPEG
+            images as encoded strings
             (`tfds.decode.SkipDecoding`) so the training crop can decode
             only the crop window (`tf.image.decode_and_crop_jpeg`); images
             stored in other formats are decoded anyway.
@@ -176,7 +208,9 @@ def load_tfds(
             (`check_download_hosts`), and TFDS retries a failed request at
             most `DOWNLOAD_RETRIES` times (instead of its 10 over ~3.5
             minutes), so that without network this fails in seconds.
-        network_timeout: seconds to wait for each download host.
+            Defaults to `True`.
+        network_timeout: seconds to wait for each download host. Defaults
+            to `10.0`.
 
     Returns:
         `(dataset, info)`.
@@ -191,7 +225,14 @@ def load_tfds(
 
     Example:
     ```python
-    train, info = load_tfds("cifar100", "train", shuffle_files=True)
+    import tensorflow_datasets as tfds
+    from keras_dks.data.pipelines import load_tfds
+    # train, info = load_tfds("cifar100", "train", shuffle_files=True)
+    # downloads CIFAR-100 once; offline, TFDS' mock data stands in for it:
+    with tfds.testing.mock_data(num_examples=8):
+        train, info = load_tfds("cifar100", "train", shuffle_files=True)
+        print(train.element_spec[0].shape, info.features["label"].num_classes)
+    # (32, 32, 3) 100
     ```
     """
     import tensorflow_datasets as tfds
@@ -258,14 +299,19 @@ def check_download_hosts(builder, timeout=10.0):
 
     Args:
         builder: a TFDS `DatasetBuilder`.
-        timeout: seconds per host.
+        timeout: seconds per host. Defaults to `10.0`.
 
     Raises:
         ConnectionError: naming the host; caused by the socket error.
 
     Example:
     ```python
-    check_download_hosts(tfds_builder("cifar100"))   # www.cs.toronto.edu:443
+    from keras_dks.data.pipelines import check_download_hosts, tfds_builder
+    # Tries www.cs.toronto.edu:443 unless CIFAR-100 is already downloaded.
+    try:
+        check_download_hosts(tfds_builder("cifar100"), timeout=5.0)
+    except ConnectionError as e:
+        print(e)   # offline: www.cs.toronto.edu:443 is unreachable (...)
     ```
     """
     import socket
@@ -340,7 +386,7 @@ def tfds_builder(name, data_dir=None):
     Args:
         name: TFDS name, optionally with config and version
             (`"imagenette/160px"`, `"cifar100:3.0.2"`).
-        data_dir: TFDS data folder (TFDS default if None).
+        data_dir: TFDS data folder (TFDS default if None, the default).
 
     Returns:
         The `tfds.core.DatasetBuilder` (nothing is downloaded or read).
@@ -350,8 +396,9 @@ def tfds_builder(name, data_dir=None):
 
     Example:
     ```python
+    from keras_dks.data.pipelines import tfds_builder
     builder = tfds_builder("cifar100")
-    builder.info.features["image"].shape   # (32, 32, 3)
+    print(builder.info.features["image"].shape)   # (32, 32, 3)
     ```
     """
     import difflib
@@ -385,6 +432,25 @@ def preparation_error(name, builder, error, manual_dir=None):
     A missing module, no network, a corrupt archive, missing manual archives
     and an unwritable folder each get their own fix; anything else is
     reported as it is, without guessing.
+
+    Args:
+        name: the TFDS name, for the message.
+        builder: the `DatasetBuilder` that failed (its `data_dir` is named).
+        error: the exception `download_and_prepare` raised; its causes
+            (`__cause__` / `__context__`) are searched too.
+        manual_dir: the manual folder that was passed, if any.
+
+    Returns:
+        The message, a `str` (`load_tfds` raises it as a `RuntimeError`).
+
+    Example:
+    ```python
+    import socket
+    from keras_dks.data.pipelines import preparation_error, tfds_builder
+    print(preparation_error("cifar100", tfds_builder("cifar100"),
+                            socket.gaierror("Name or service not known")))
+    # Could not download TFDS dataset 'cifar100': no connection ...
+    ```
     """
     import errno
 
@@ -464,6 +530,29 @@ def num_examples(info, split, dataset=None):
 
     `info.splits` understands slices (`"train[:10%]"`); mocked datasets have
     no split metadata, so the dataset's cardinality (or a count) is used.
+
+    Args:
+        info: the split's `tfds.core.DatasetInfo`.
+        split: TFDS split string.
+        dataset: optional unbatched dataset of the split, counted when
+            `info` cannot tell.
+
+    Returns:
+        The number of examples, an int.
+
+    Raises:
+        Exception: whatever `info.splits[split]` raises, when `dataset` is
+            None.
+
+    Example:
+    ```python
+    import tensorflow_datasets as tfds
+    from keras_dks.data.pipelines import load_tfds, num_examples
+    # Prepared CIFAR-100: num_examples(info, "train[:10%]") is 5000.
+    with tfds.testing.mock_data(num_examples=8):   # no split metadata
+        train, info = load_tfds("cifar100", "train")
+        print(num_examples(info, "train", train))   # 8, counted
+    ```
     """
     try:
         return int(info.splits[split].num_examples)
@@ -477,13 +566,45 @@ def num_examples(info, split, dataset=None):
 
 
 def image_spec(info):
-    """`(shape, num_classes)` of a supervised image dataset's `DatasetInfo`."""
+    """`(shape, num_classes)` of a supervised image dataset's `DatasetInfo`.
+
+    Args:
+        info: a `tfds.core.DatasetInfo` with `supervised_keys`
+            `(image, label)`.
+
+    Returns:
+        `(image shape tuple, number of label classes)`.
+
+    Example:
+    ```python
+    from keras_dks.data.pipelines import image_spec, tfds_builder
+    print(image_spec(tfds_builder("cifar100").info))   # ((32, 32, 3), 100)
+    ```
+    """
     image_key, label_key = info.supervised_keys
     return tuple(info.features[image_key].shape), info.features[label_key].num_classes
 
 
 def steps_per_epoch(examples, batch_size, drop_remainder=False):
-    """Optimizer steps in one pass over `examples` (PyTorch `drop_last`)."""
+    """Optimizer steps in one pass over `examples` (PyTorch `drop_last`).
+
+    Args:
+        examples: number of examples.
+        batch_size: batch size.
+        drop_remainder: whether the last partial batch is dropped. Defaults
+            to `False`.
+
+    Returns:
+        `ceil(examples / batch_size)`, or `examples // batch_size` with
+        `drop_remainder`.
+
+    Example:
+    ```python
+    from keras_dks.data.pipelines import steps_per_epoch
+    print(steps_per_epoch(50000, 128), steps_per_epoch(50000, 128, True))
+    # 391 390
+    ```
+    """
     if drop_remainder:
         return examples // batch_size
     return math.ceil(examples / batch_size)
@@ -503,17 +624,25 @@ def measure_throughput(dataset, steps=50, warmup=5):
             images). A finite dataset may end early: then fewer steps are
             timed; one that ends within the warm-up is timed on a second
             pass.
-        steps: batches to time.
-        warmup: untimed batches first.
+        steps: batches to time. Defaults to `50`.
+        warmup: untimed batches first. Defaults to `5`.
 
     Returns:
         dict with `images_per_second`, `steps_per_second`, `steps` (timed
         batches) and `seconds`.
 
+    Raises:
+        ValueError: the dataset yields no batches.
+
     Example:
     ```python
-    ds = keras_dks.data.cifar.make_dataset(train, training=True, batch_size=128)
-    print(measure_throughput(ds, steps=100)["images_per_second"])
+    import numpy as np, tensorflow as tf
+    from keras_dks.data import cifar
+    from keras_dks.data.pipelines import measure_throughput
+    images = np.random.randint(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    raw = tf.data.Dataset.from_tensor_slices((images, np.zeros(256, "int64")))
+    ds = cifar.make_dataset(raw, training=True, batch_size=32, repeat=True)
+    print(measure_throughput(ds, steps=20)["steps"])   # 20
     ```
     """
     iterator = iter(dataset)
@@ -557,9 +686,14 @@ def with_index(dataset):
 
     Example:
     ```python
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    train = (keras_dks.data.pipelines.with_index(ds)
+    import numpy as np, tensorflow as tf
+    from keras_dks.data.pipelines import with_index
+    images = np.zeros((256, 8, 8, 3), np.uint8)
+    ds = tf.data.Dataset.from_tensor_slices((images, np.arange(256) % 10))
+    train = (with_index(ds)
              .shuffle(1000).batch(128).prefetch(tf.data.AUTOTUNE))
+    (x, index), y = next(iter(train))
+    print(x.shape, index.dtype.name)   # (128, 8, 8, 3) int64
     ```
     """
     return dataset.enumerate().map(
