@@ -69,11 +69,17 @@ def paper_augmentation(depth):
 
     Returns:
         `"simple"` (ResNet-18/34/50) or `"random_resized"` (ResNet-101/152).
+        The paper states 18, 50 (simple) and 152 (aggressive); 34 and 101
+        follow their nearest neighbour in depth.
+
+    Raises:
+        ValueError: `depth` is not one of the five.
 
     Example:
     ```python
-    paper_augmentation(50)    # 'simple'
-    paper_augmentation(152)   # 'random_resized'
+    from keras_dks.data.imagenet import paper_augmentation
+    print(paper_augmentation(50))    # simple
+    print(paper_augmentation(152))   # random_resized
     ```
     """
     if depth not in PAPER_AUGMENTATION:
@@ -119,14 +125,23 @@ def inception_crop(
         image: one uint8 `(height, width, 3)` image, or a JPEG string (then
             only the crop window is decoded).
         image_size: output height and width.
-        area_range, aspect_ratio_range, max_attempts: the box distribution.
+        area_range: range of the box's fraction of the image area.
+            Defaults to `AREA_RANGE`, `(0.08, 1.0)` (GoogLeNet's,
+            torchvision's default).
+        aspect_ratio_range: range of the box's width / height. Defaults to
+            `ASPECT_RATIO_RANGE`, `(3/4, 4/3)` (same source).
+        max_attempts: boxes tried before falling back to the whole image.
+            Defaults to `10` (torchvision's).
 
     Returns:
         float32 `(image_size, image_size, 3)` in [0, 255].
 
     Example:
     ```python
+    import tensorflow as tf
+    from keras_dks.data.imagenet import inception_crop
     crop = inception_crop(tf.zeros((375, 500, 3), tf.uint8), 224)
+    print(crop.shape, crop.dtype.name)   # (224, 224, 3) float32
     ```
     """
     shape = _shape(image)
@@ -167,7 +182,10 @@ def resize_square(image, size):
 
     Example:
     ```python
+    import tensorflow as tf
+    from keras_dks.data.imagenet import resize_square
     square = resize_square(tf.zeros((375, 500, 3), tf.uint8), 256)
+    print(square.shape)   # (256, 256, 3)
     ```
     """
     image = _decode(image)
@@ -192,9 +210,15 @@ def simple_crop(image, image_size, resize_size=None, seed=None):
     Returns:
         float32 `(image_size, image_size, 3)` in [0, 255].
 
+    Raises:
+        ValueError: `resize_size` is smaller than `image_size`.
+
     Example:
     ```python
-    crop = simple_crop(tf.zeros((375, 500, 3), tf.uint8), 224)  # 256x256 -> 224x224
+    import tensorflow as tf
+    from keras_dks.data.imagenet import simple_crop
+    crop = simple_crop(tf.zeros((375, 500, 3), tf.uint8), 224)
+    print(crop.shape)   # (224, 224, 3): 256x256, then a random 224 crop
     ```
     """
     resize_size = _resize_size(image_size, resize_size)
@@ -219,16 +243,22 @@ def center_crop(image, image_size, resize_size=None, resize="square"):
             DKS authors' evaluation script); `"shorter_side"` resizes the
             shorter side to `resize_size` keeping the aspect ratio,
             antialiased bilinear (torchvision's `Resize(256)`, the DHM
-            code's).
+            code's). Defaults to `"square"`.
 
     Returns:
         float32 `(image_size, image_size, 3)` in [0, 255].
 
+    Raises:
+        ValueError: `resize` is not one of `EVAL_RESIZES`.
+
     Example:
     ```python
-    crop = center_crop(tf.zeros((375, 500, 3), tf.uint8), 224)   # 256x256 -> 224x224
-    crop = center_crop(tf.zeros((375, 500, 3), tf.uint8), 224,
-                       resize="shorter_side")                    # 256x341 -> 224x224
+    import tensorflow as tf
+    from keras_dks.data.imagenet import center_crop
+    image = tf.zeros((375, 500, 3), tf.uint8)
+    crop = center_crop(image, 224)                 # 256x256 -> 224x224
+    crop = center_crop(image, 224, resize="shorter_side")  # 256x341 -> 224x224
+    print(crop.shape)   # (224, 224, 3)
     ```
     """
     if resize not in EVAL_RESIZES:
@@ -253,7 +283,21 @@ def center_crop(image, image_size, resize_size=None, resize="square"):
 
 def keras_cv_crop(image_size):
     """`keras_cv.layers.RandomCropAndResize` with the Inception ranges, or
-    None when keras-cv is not installed."""
+    None when keras-cv is not installed.
+
+    Args:
+        image_size: output height and width.
+
+    Returns:
+        A `keras_cv.layers.RandomCropAndResize` with `AREA_RANGE` and
+        `ASPECT_RATIO_RANGE`, or None.
+
+    Example:
+    ```python
+    from keras_dks.data.imagenet import keras_cv_crop
+    layer = keras_cv_crop(224)   # None without keras-cv
+    ```
+    """
     try:
         import keras_cv
     except ImportError:
@@ -288,33 +332,49 @@ def make_dataset(
         training: augment (see `augment`) + shuffle; otherwise resize +
             central crop (see `eval_resize`) in the stored order.
         batch_size: global batch size.
-        image_size: output side (224 in the paper).
-        augment: training augmentation: `"simple"` (resize to 256x256,
-            random 224 crop, flip: the DKS paper's ResNet-18/50 recipe) or
-            `"random_resized"` (Inception-style crop + flip: the paper's
-            ResNet-152 recipe, and the DHM code's).
+        image_size: output side. Defaults to `224` (the paper's).
+        augment: training augmentation: `"simple"` (default; resize to
+            256x256, random 224 crop, flip: the DKS paper's ResNet-18/50
+            recipe) or `"random_resized"` (Inception-style crop + flip: the
+            paper's ResNet-152 recipe, and the DHM code's).
         crop: implementation of the `"random_resized"` crop: `"keras_cv"`
             (`RandomCropAndResize`), `"inception"` (tf.image, decodes only
-            the window of JPEG strings) or `"auto"` (keras-cv when
+            the window of JPEG strings) or `"auto"` (default; keras-cv when
             installed).
-        eval_resize: evaluation resize: `"square"` (256x256 bicubic, the
-            DKS authors' script) or `"shorter_side"` (shorter side 256,
-            bilinear); see `center_crop`.
-        mean, std: per-channel statistics on the [0, 1] scale.
-        shuffle_buffer, seed: shuffling of training examples.
-        repeat: repeat forever (for `fit(steps_per_epoch=...)`).
-        drop_remainder: drop the last partial batch.
+        eval_resize: evaluation resize: `"square"` (default; 256x256
+            bicubic, the DKS authors' script) or `"shorter_side"` (shorter
+            side 256, bilinear); see `center_crop`.
+        mean, std: per-channel statistics on the [0, 1] scale. Default:
+            `MEAN` and `STD`, the ImageNet statistics.
+        shuffle_buffer: shuffle buffer of the training examples. Defaults
+            to `10000`.
+        seed: shuffle seed. Defaults to `None`.
+        repeat: repeat forever (for `fit(steps_per_epoch=...)`). Defaults
+            to `False`.
+        drop_remainder: drop the last partial batch. Defaults to `False`.
 
     Returns:
         A `tf.data.Dataset` of float32 `(batch, image_size, image_size, 3)`
-        images and labels.
+        images and the dataset's labels.
+
+    Raises:
+        ValueError: an unknown `augment`, `crop` or `eval_resize`, or a
+            `crop` other than `"auto"` without `augment="random_resized"`.
+        ImportError: `crop="keras_cv"` without keras-cv installed.
 
     Example:
     ```python
-    from keras_dks.data import imagenet, pipelines
-    raw, _ = pipelines.load_tfds("imagenet2012", "train", shuffle_files=True,
-                                 decode_images=False, data_dir="/data/tfds")
-    train = imagenet.make_dataset(raw, training=True, batch_size=256)
+    import numpy as np, tensorflow as tf
+    from keras_dks.data import imagenet
+    images = np.random.randint(0, 256, (8, 75, 100, 3), dtype=np.uint8)
+    raw = tf.data.Dataset.from_tensor_slices((images, np.arange(8)))
+    # ImageNet: raw, _ = pipelines.load_tfds("imagenet2012", "train",
+    #     shuffle_files=True, decode_images=False, data_dir="/data/tfds")
+    train = imagenet.make_dataset(raw, training=True, batch_size=4,
+                                  image_size=64)
+    test = imagenet.make_dataset(raw, training=False, batch_size=4,
+                                 image_size=64)
+    print(next(iter(train))[0].shape)   # (4, 64, 64, 3)
     ```
     """
     if augment not in AUGMENTATIONS:
