@@ -43,37 +43,52 @@ class DKSModel(keras.Model):
             `classifier_activation=None`; a keras-hub
             `FeaturePyramidBackbone`; a `keras_dks.backbones` model; or any
             functional CNN.
-        num_classes: number of classes. May be omitted when the backbone
-            already ends in a logits Dense layer.
-        taps: `"auto"` (the ends of the two down-sampling stages before the
-            last one, see `keras_dks.taps`), a list of layer names, a list
-            of keras-hub pyramid keys (`"P3"`, `"P4"`), or `[]` for the plain
-            network (the baseline).
-        head: `"residual"` (the paper's heads: the backbone's own blocks with
-            as many stride-2 steps as the backbone), `"simple"` (pool +
-            Dense), `"conv"` (conv + pool + Dense) or a callable
+        num_classes: number of classes. May be omitted (default `None`) when
+            the backbone already ends in a logits Dense layer.
+        taps: `"auto"` (default: the ends of the two down-sampling stages
+            before the last one, see `keras_dks.taps`), a list of layer
+            names, a list of keras-hub pyramid keys (`"P3"`, `"P4"`), or
+            `[]` for the plain network (the baseline).
+        head: `"residual"` (default; the paper's heads: the backbone's own
+            blocks with as many stride-2 steps as the backbone), `"simple"`
+            (pool + Dense), `"conv"` (conv + pool + Dense) or a callable
             `head(features, num_downsamples, num_classes, name) -> logits`.
-        pairs: `"bidirectional"` (paper default), `"top_down"`,
+        pairs: `"bidirectional"` (default, the paper's best), `"top_down"`,
             `"bottom_up"`, `"none"` (deep supervision, no synergy) or a list
             of `(student, teacher)` head indices.
         aux_weight: alpha of the auxiliary heads' cross-entropy, a float or
-            one per auxiliary head (the main head's weight is 1).
-        synergy_weight: beta, a float or one per pair.
-        label_smoothing: label smoothing of the cross-entropy terms.
+            one per auxiliary head (the main head's weight is 1). Defaults
+            to `1.0` (the paper and the authors' code).
+        synergy_weight: beta, a float or one per pair. Defaults to `1.0`
+            (the paper and the authors' code).
+        label_smoothing: label smoothing of the cross-entropy terms, in
+            [0, 1). Defaults to `0.0`.
         weight_decay: coupled L2 on all trainable variables (the authors'
             PyTorch `SGD(weight_decay=...)`): adds `weight_decay / 2 *
             sum ||w||^2` to the loss. The published numbers use 5e-4 (CIFAR
             WRNs, authors' code) and 1e-4 (other CIFAR nets, ImageNet; paper
             Sec. 4.1-4.2). Default 0: the value depends on the data, and an
             optimizer's decoupled `weight_decay` must not be added on top.
-        head_width: multiplier on the residual heads' widths.
-        head_depth: if set, blocks per stage of the residual heads.
+        head_width: positive multiplier on the residual heads' widths.
+            Defaults to `1.0`.
+        head_depth: if set (>= 1), blocks per stage of the residual heads.
+            Defaults to `None` (the backbone's layout).
         sync_batchnorm: use synchronized BatchNormalization in the heads.
+            Defaults to `False`.
         pair_keep_prob: each synergy pair is kept with this probability per
-            training step, without rescaling (a library option, not in the
-            papers). 1.0 keeps all.
-        seed: seed of the per-step draws (random if None).
-        name: model name.
+            training step, in (0, 1], without rescaling (a library option,
+            not in the papers). Defaults to `1.0`, which keeps all.
+        seed: seed of the per-step draws (random if None, the default).
+        name: model name. Defaults to `"dks_model"`.
+        **kwargs: passed on to `keras.Model`.
+
+    Raises:
+        ValueError: `label_smoothing` outside [0, 1), a negative
+            `weight_decay`, `pair_keep_prob` outside (0, 1], a non-positive
+            `head_width`, a `head_depth` below 1, an unknown `head` or
+            `pairs`, taps that are not layers of the backbone (or not
+            before its final feature map), weights of the wrong length, or
+            a backbone that is not a functional image model.
 
     Training runs through Keras' own trainers (`compute_loss` is the DKS
     loss, in `keras.ops`), on TensorFlow, JAX and PyTorch. `compile(metrics=)`
@@ -199,13 +214,22 @@ class DKSModel(keras.Model):
         variable is reachable, so it costs exactly what the baseline does.
 
         Args:
-            softmax: return probabilities instead of logits.
+            softmax: return probabilities (a float32 `Softmax` layer named
+                `"probabilities"` is added) instead of logits. Defaults to
+                `False`.
             name: model name (default: `<backbone name>_inference`).
+
+        Returns:
+            A functional `keras.Model` from the image input to the main
+            head, `(batch, num_classes)`.
 
         Example:
         ```python
+        import keras, keras_dks
+        backbone = keras_dks.backbones.wide_resnet(10, 1, num_classes=10)
+        model = keras_dks.DKSModel(backbone)
         serving = model.inference_model()
-        serving.export("export/1", format="tf_saved_model")
+        print(len(model.outputs), serving.output.shape)   # 3 (None, 10)
         ```
         """
         out = self.outputs[0]
@@ -522,9 +546,24 @@ class DKSModel(keras.Model):
         Serving with probabilities and top-k classes,
         `keras_dks.export_saved_model`.
 
+        Args:
+            filepath: where to write (see `export_inference`).
+            format: `"tf_saved_model"` (default), `"litert"`, `"onnx"` or
+                `"openvino"`.
+            verbose: print what was written (Keras' default when None).
+            input_signature: optional input spec, as in `keras.Model.export`.
+            **kwargs: passed on to Keras' exporter of the format.
+
+        Returns:
+            The path written, as a `str`.
+
         Example:
         ```python
-        model.export("model.tflite", format="litert")
+        import keras_dks
+        backbone = keras_dks.backbones.wide_resnet(10, 1, num_classes=10)
+        model = keras_dks.DKSModel(backbone)
+        print(model.export("/tmp/dks.tflite", format="litert", verbose=False))
+        # /tmp/dks.tflite
         ```
         """
         from keras_dks.export import export_inference
