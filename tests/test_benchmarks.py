@@ -285,3 +285,21 @@ def test_head_cost_training_flops_grow_with_the_heads(head_cost, monkeypatch):
     assert 0 <= flops["authors"] - flops["ds"] < 0.01 * flops["ds"]
     params = {name: m.count_params() for name, m in models.items()}
     assert params["baseline"] < params["width_0.25"] < params["authors"]
+
+
+def test_head_cost_holm_matches_the_step_down_procedure(head_cost):
+    """Adjusted p_i <= alpha exactly when Holm's step-down procedure, run
+    at level alpha, rejects hypothesis i (its definition), for every alpha
+    of a fine grid; a design without a test keeps None."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = {f"d{k}": float(v) for k, v in enumerate(rng.uniform(0, 0.2, size=5))}
+        adjusted = head_cost.holm(dict(p, untested=None))
+        assert adjusted["untested"] is None
+        for alpha in np.linspace(0.001, 0.3, 300):
+            rejected, m = set(), len(p)
+            for j, (name, value) in enumerate(sorted(p.items(), key=lambda kv: kv[1])):
+                if value > alpha / (m - j):
+                    break
+                rejected.add(name)
+            assert {n for n in p if adjusted[n] <= alpha} == rejected, (p, alpha)
