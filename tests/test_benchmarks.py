@@ -303,3 +303,23 @@ def test_head_cost_holm_matches_the_step_down_procedure(head_cost):
                     break
                 rejected.add(name)
             assert {n for n in p if adjusted[n] <= alpha} == rejected, (p, alpha)
+
+
+def test_head_cost_conclusion_names_the_cheapest_design_that_keeps_the_gain(head_cost):
+    """All seeds in, a design keeps the gain but trains above 1.3x: the
+    conclusion says no cheaper default and gives that design's numbers; at
+    or under 1.3x it is named as possible."""
+    strong = accuracy.paired_comparison({s: 0.13 + 0.01 * s for s in range(5)},
+                                        {s: 0.11 + 0.01 * s + 0.001 * (s % 2) for s in range(5)})
+    def design(ratio):
+        entry = {"seeds_finished": 5, "gain": strong, "vs_authors": strong,
+                 "train_flops_ratio": 1.2,
+                 "step_time_ratio": {"median": ratio, "range": [ratio - 0.1, ratio + 0.1]}}
+        return dict(entry, verdict=head_cost.verdict(entry))
+    lines = head_cost.conclusions({"authors": {"seeds_finished": 5, "verdict": "ref"},
+                                   "depth_1": design(1.66), "depth_1_width_0.5": design(1.32)})
+    assert lines[0] == "Keep the gain: depth_1, depth_1_width_0.5."
+    assert "No cheaper default: " in lines[-1] and "depth_1_width_0.5, trains at 1.32x" in lines[-1]
+    lines = head_cost.conclusions({"authors": {"seeds_finished": 5, "verdict": "ref"},
+                                   "depth_1_width_0.5": design(1.30)})
+    assert lines[-1].startswith("Cheaper default possible") and "depth_1_width_0.5" in lines[-1]
