@@ -72,7 +72,11 @@ class DKSModel(keras.Model):
         head_width: positive multiplier on the residual heads' widths.
             Defaults to `1.0`.
         head_depth: if set (>= 1), blocks per stage of the residual heads.
-            Defaults to `None` (the backbone's layout).
+            Defaults to `None` (the backbone's layout). `head_depth=1,
+            head_width=0.5` kept the paper heads' gain within its 95 % CI at
+            1.32x the plain network's step time instead of 2.24x (WRN-16-1,
+            Fashion-MNIST 5k, 5 paired seeds: `benchmarks/head_cost.py`,
+            docs/benchmarks.md).
         sync_batchnorm: use synchronized BatchNormalization in the heads.
             Defaults to `False`.
         pair_keep_prob: each synergy pair is kept with this probability per
