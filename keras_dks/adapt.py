@@ -120,6 +120,14 @@ def check_backbone(backbone):
             "backbone must be a keras.Model (e.g. keras.applications."
             f"ResNet50(weights=None, include_top=False)); got {type(backbone)}."
         )
+    if isinstance(backbone, keras.Sequential):
+        raise ValueError(
+            "DKSModel needs a functional backbone; got the keras.Sequential "
+            f"model {backbone.name!r}. Pass keras.Model(model.inputs, "
+            "model.outputs) instead (the Sequential model must start with "
+            "keras.Input(shape) so that it has inputs); it shares the layers "
+            "and weights."
+        )
     if not taps_lib.is_functional(backbone):
         raise ValueError(
             "DKSModel needs a functional backbone (built with keras.Input / "

@@ -418,6 +418,25 @@ def test_subclassed_backbone_is_rejected():
         DKSModel(Sub(), num_classes=3)
 
 
+def test_sequential_backbone_error_names_the_fix_and_the_fix_works():
+    layers = [keras.Input((16, 16, 3)),
+              keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="s1"),
+              keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="s2"),
+              keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="s3")]
+    seq = keras.Sequential(layers, name="seq")
+    with pytest.raises(ValueError, match=r"keras.Sequential model 'seq'.*"
+                                         r"keras.Model\(model.inputs, model.outputs\)"):
+        DKSModel(seq, num_classes=3)
+    # The named fix: the same layers and weights, tappable.
+    model = DKSModel(keras.Model(seq.inputs, seq.outputs), num_classes=3,
+                     taps=["s1", "s2"], head="simple")
+    x = np.random.default_rng(0).uniform(size=(2, 16, 16, 3)).astype("float32")
+    np.testing.assert_array_equal(  # the same ops on the same weights
+        keras.ops.convert_to_numpy(seq(x)),
+        keras.ops.convert_to_numpy(keras.Model(model.inputs, model.get_layer("s3").output)(x)))
+    assert len(model(x)) == 3
+
+
 def test_a_file_without_the_draw_step_counter_loads_with_a_warning():
     """Models saved before `draw_step` existed (per-step draws keyed on the
     optimizer) load: the other own variables in order, the counter at 0."""
