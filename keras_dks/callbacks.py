@@ -440,8 +440,11 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         )
         if bad:
             culprits = ", ".join(f"{k}={v}" for k, v in bad.items())
-        else:
+        elif any(k.endswith("_loss") for k in (logs or {})):
+            # The model logs its loss terms and all are finite.
             culprits = "regularization (weight decay / layer losses) only"
+        else:
+            culprits = "the loss"
         where = f"epoch {self._epoch + 1}, batch {batch + 1}"
         if self.step is not None:
             where += f" (optimizer step {self.step})"

@@ -536,3 +536,23 @@ def test_safe_backup_keeps_last_good_checkpoint_on_divergence(tmp_path):
     restored = make_model(light=True)
     restored.load_weights(str(backup / meta["weights"]))
     assert all(np.isfinite(w).all() for w in restored.get_weights())
+
+
+def test_stop_on_non_finite_blames_regularization_only_when_the_terms_are_logged():
+    """A model that logs its loss terms, all finite, beside a NaN total: the
+    regularisation overflowed. A plain model logs only `loss`: no blame."""
+    inp = keras.Input((2,))
+    plain = keras.Model(inp, keras.layers.Dense(1)(inp))
+    plain.compile("sgd", "mse")
+    for logs, culprit, other in (
+        ({"loss": float("nan"), "ce_loss": 1.0, "synergy_loss": 0.5},
+         "regularization (weight decay / layer losses) only", ": the loss ("),
+        ({"loss": float("nan")}, ": the loss (loss=nan)", "regularization"),
+    ):
+        stop = StopOnNonFiniteLoss()
+        stop.set_model(plain)
+        stop.on_train_begin()
+        stop.on_epoch_begin(0)
+        stop.on_train_batch_end(2, logs)
+        assert culprit in stop.message and other not in stop.message, stop.message
+        assert "epoch 1, batch 3" in stop.message and plain.stop_training
