@@ -367,8 +367,9 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     NaN image); the message then says "Non-finite gradients".
 
     Epochs and batches in the message are 1-based, as in the progress bar.
-    When only `loss` is non-finite, the regularisation (weight decay or
-    layer losses) overflowed. With `jit_compile=True` a label outside
+    When only `loss` is non-finite while the model logs its loss terms
+    (`DKSModel`'s `*_ce_loss`, `synergy_loss`) and they are finite, the
+    message blames the regularisation (weight decay or layer losses). With `jit_compile=True` a label outside
     `[0, num_classes)` also shows up here as a NaN, because XLA skips
     `DKSModel`'s label-range check.
 
