@@ -60,8 +60,22 @@ def stateless_uniform(shape, seed, step):
 def bernoulli_mask(probs, seed, step):
     """A float32 0/1 mask, entry `k` is 1 with probability `probs[k]`.
 
-    `stateless_uniform((len(probs),), seed, step) < probs`.
+    `stateless_uniform((len(probs),), seed, step) < probs`: the same mask
+    for the same `(seed, step)` on every backend and replica.
 
+    Args:
+        probs: a list of probabilities in [0, 1].
+        seed: the model's integer seed.
+        step: the draw counter (an int or an int tensor).
+
+    Returns:
+        A float32 tensor of shape `(len(probs),)`.
+
+    Example:
+    ```python
+    keras_dks.draws.bernoulli_mask([1.0, 0.0, 0.5], seed=0, step=3)
+    # [1., 0., 0. or 1.]
+    ```
     """
     u = stateless_uniform((len(probs),), seed, step)
     return ops.cast(u < ops.convert_to_tensor(probs, "float32"), "float32")
@@ -88,6 +102,18 @@ def categorical(cumulative, seed, step):
     stateless_uniform((), seed, step)`: index `k` has probability
     `cumulative[k] - cumulative[k - 1]`.
 
+    Args:
+        cumulative: non-decreasing cumulative probabilities ending at 1.
+        seed: the model's integer seed.
+        step: the draw counter (an int or an int tensor).
+
+    Returns:
+        An int32 scalar tensor in `[0, len(cumulative))`.
+
+    Example:
+    ```python
+    keras_dks.draws.categorical([0.0, 0.0, 1.0], seed=0, step=0)   # 2
+    ```
     """
     u = stateless_uniform((), seed, step)
     bounds = ops.convert_to_tensor(list(cumulative)[:-1], "float32")

@@ -100,7 +100,28 @@ def resolve_pairs(pairs, num_heads):
 
 
 def resolve_weights(weights, count, what, fix):
-    """A float or one float per item -> list of `count` non-negative floats."""
+    """A float or one float per item -> list of `count` non-negative floats.
+
+    Args:
+        weights: a float (used for every item) or a sequence of `count`
+            floats.
+        count: number of items (auxiliary heads, pairs).
+        what: the argument's name, for the error message.
+        fix: what the items are, for the error message.
+
+    Returns:
+        A list of `count` floats.
+
+    Raises:
+        ValueError: a sequence of another length, or a negative or NaN
+            weight.
+
+    Example:
+    ```python
+    keras_dks.losses.resolve_weights(0.5, 3, "synergy_weight", "pairs")
+    # [0.5, 0.5, 0.5]
+    ```
+    """
     if isinstance(weights, (int, float)):
         values = [float(weights)] * count
     else:
@@ -123,7 +144,22 @@ def soft_cross_entropy(target_logits, logits, temperature=1.0):
     """Per-example H(stop_gradient(softmax(t/T)), softmax(z/T)), shape (B,).
 
     The target is detached: no gradient reaches the teacher through its
-    target role.
+    target role. Computed in float32 (float64 for float64 logits).
+
+    Args:
+        target_logits: `(B, C)` logits of the teacher.
+        logits: `(B, C)` logits of the student.
+        temperature: T, dividing both logits (1.0 in DKS).
+
+    Returns:
+        A `(B,)` tensor.
+
+    Example:
+    ```python
+    t = keras.ops.convert_to_tensor([[2.0, 0.0]])
+    z = keras.ops.convert_to_tensor([[0.0, 0.0]])
+    keras_dks.losses.soft_cross_entropy(t, z)   # [log 2] = [0.6931]
+    ```
     """
     t = ops.stop_gradient(_wide(target_logits))
     z = _wide(logits)
@@ -135,7 +171,22 @@ def soft_cross_entropy(target_logits, logits, temperature=1.0):
 
 
 def cross_entropy(targets, logits):
-    """Per-example CE with a (B, C) target distribution, shape (B,)."""
+    """Per-example CE with a (B, C) target distribution, shape (B,).
+
+    Args:
+        targets: `(B, C)` target probabilities (one-hot, smoothed or soft).
+        logits: `(B, C)` logits, computed on in float32 (float64 for
+            float64 logits).
+
+    Returns:
+        A `(B,)` tensor: `-sum(targets * log_softmax(logits), -1)`.
+
+    Example:
+    ```python
+    y = keras.ops.one_hot(keras.ops.convert_to_tensor([1]), 3)
+    keras_dks.losses.cross_entropy(y, keras.ops.zeros((1, 3)))  # [log 3]
+    ```
+    """
     z = _wide(logits)
     return -ops.sum(ops.cast(targets, z.dtype) * ops.log_softmax(z, axis=-1), axis=-1)
 
@@ -147,6 +198,21 @@ def coupled_weight_decay(variables, weight_decay):
     Added to the loss, its gradient is `weight_decay * w`: PyTorch's
     `SGD(weight_decay=...)` (coupled L2), which the DKS authors apply to
     every trainable variable, BatchNorm and biases included.
+
+    Args:
+        variables: the variables to decay (`DKSModel` passes all its
+            trainable variables).
+        weight_decay: the coefficient (5e-4 for the CIFAR WRNs of the
+            authors' code, 1e-4 elsewhere in the paper); 0 gives 0.
+
+    Returns:
+        A scalar tensor.
+
+    Example:
+    ```python
+    w = keras.Variable([[3.0, 4.0]])
+    keras_dks.losses.coupled_weight_decay([w], 0.1)   # 0.05 * 25 = 1.25
+    ```
     """
     if not weight_decay or not variables:
         return ops.zeros((), "float32")
